@@ -1,0 +1,124 @@
+"""LLaVA-NeXT-Interleave: SigLIP tower -> projector -> Qwen2 decoder, one interleaved sequence.
+
+Every image (a photo of a multi-image prompt, a video frame, a 3D view or a multi-patch tile)
+becomes (S/patch)^2 feature vectors. The processor has already expanded each `<image>`
+placeholder to that many image tokens; the model embeds the text, then writes the projected
+features into those positions in order (a masked scatter), and runs the decoder over it all.
+References: Li et al. 2024, "LLaVA-NeXT-Interleave" (arXiv 2407.07895); Liu et al. 2023 (LLaVA-1.5);
+transformers' modeling_llava.py, whose logits this module reproduces.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, load_config
+from .decoder import Decoder
+from .projector import Projector
+from .vision import VisionTower
+from . import weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision, cfg.vision_layers_used)
+        self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.decoder = Decoder(cfg.text)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load a checkpoint folder (config.json + safetensors, any supported layout)."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: not a checkpoint folder")
+        cfg = load_config(path)
+        where = weights.weight_files(path)  # fail on a folder without weights before allocating
+        # build on the meta device, then allocate each parameter once, in the target dtype
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        weights.load_weights(model, path, cfg, where)
+        return model.eval()
+
+    @property
+    def dtype(self):
+        return self.decoder.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.decoder.embed_tokens.weight.device
+
+    def image_features(self, pixel_values):
+        """(N, 3, S, S) -> (N, tokens_per_image, hidden): all images of a call in one batch."""
+        x = self.vision(pixel_values)  # (N, P, vision_dim), the last block's output, no post_layernorm
+        if self.cfg.feature_select == "default":
+            x = x[:, 1:]  # drop the first slot, as for towers that carry a CLS token there
+        return self.projector(x)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with image features written into the image-token positions."""
+        h = self.decoder.embed_tokens(input_ids)  # (B, T, C)
+        is_image = input_ids == self.cfg.image_token_id
+        n_tokens, per_image = int(is_image.sum()), self.cfg.tokens_per_image
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tokens != n_images * per_image:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but {n_images} images were given "
+                             f"({per_image} tokens each, so {n_images * per_image} expected)")
+        if n_images:
+            feats = self.image_features(pixel_values.to(device=h.device, dtype=h.dtype))
+            h = h.masked_scatter(is_image[..., None], feats.to(h.dtype))  # fills positions in order
+        return h
+
+    @staticmethod
+    def positions_and_mask(attention_mask, past: int = 0):
+        """From a (B, past + T) 0/1 padding mask: positions (B, T) and attention mask (B, 1, T, past + T).
+
+        Positions count real tokens only, so a left-padded prompt gets the positions it would
+        have alone. Every query may also see itself, so rows of padding never have zero keys
+        (their outputs are garbage but finite, and nothing real attends to them).
+        """
+        keep = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        T = positions.shape[1]
+        mask = keep[:, None, None, :].expand(-1, 1, T, -1).clone()  # (B, 1, T, past + T)
+        idx = torch.arange(T, device=mask.device)
+        mask[:, 0, idx, past + idx] = True
+        return positions, mask
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, cache=None,
+                last_only=False, **unused):
+        """input_ids (B, T) -> logits (B, T, vocab) float; with labels also the mean loss.
+
+        attention_mask: (B, T) 0/1 for left-padded batches. last_only: logits of the last position
+        only (generation needs nothing else). Extra processor outputs (**unused) are ignored.
+        """
+        h = self.embed(input_ids, pixel_values)
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None or bool(attention_mask.all()):
+            positions = torch.arange(past, past + T, device=h.device).expand(B, T)
+            mask = None
+        else:
+            positions, mask = self.positions_and_mask(attention_mask, past)
+        h = self.decoder(h, positions, cache, mask)
+        logits = self.decoder.logits(h[:, -1:] if last_only else h).float()
+        if labels is None:
+            return logits
+        # position t predicts token t+1; -100 marks tokens that are not supervised
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, **kwargs):
+        """New token ids (B, n): greedy unless temperature > 0. See minterleave/generate.py."""
+        from .generate import generate
+        return generate(self, input_ids, pixel_values, **kwargs)

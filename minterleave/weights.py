@@ -1,0 +1,158 @@
+"""Checkpoint reading: safetensors files in the official layouts -> the modules' parameters.
+
+The map from our parameter names to checkpoint tensor names is written out (`tensor_names`),
+one entry per tensor, for three layouts of the same weights:
+- "llava-hf": the hub's llava-interleave-*-hf files (language_model.model.*,
+  vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*, language_model.lm_head.*);
+- "hf5": what transformers 5 writes with save_pretrained (vision_tower.* without vision_model.);
+- "lmms-lab": the original LLaVA-NeXT files (model.layers.*, model.mm_projector.{0,2}.*,
+  model.vision_tower.vision_tower.vision_model.*, lm_head.weight).
+Loading is strict, as in nanoGPT's from_pretrained: every parameter must be found with the
+right shape, and every tensor of the files must be used or be on the explicit list of
+deliberately unused ones (`unused_reason`). Anything else is an error naming tensor and file.
+Tensors are read one at a time and converted to the target dtype as they are copied in, so
+loading never holds more than the model plus one tensor.
+"""
+
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+
+VISION_BLOCK = [f"{m}.{p}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
+                                      "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                      "self_attn.out_proj") for p in ("weight", "bias")]
+TEXT_BLOCK = ["input_layernorm.weight", "post_attention_layernorm.weight",
+              "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+              "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+              "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+# (vision tower prefix, text prefix, projector linear_1 / linear_2 prefix, untied head) per layout
+PREFIXES = {
+    "llava-hf": ("vision_tower.vision_model.", "language_model.model.",
+                 ("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."), "language_model.lm_head.weight"),
+    "hf5": ("vision_tower.", "language_model.model.",
+            ("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."), "language_model.lm_head.weight"),
+    "lmms-lab": ("model.vision_tower.vision_tower.vision_model.", "model.",
+                 ("model.mm_projector.0.", "model.mm_projector.2."), "lm_head.weight"),
+}
+
+
+def tensor_names(cfg: ModelConfig, layout: str, vision_layers: int) -> dict:
+    """{our parameter name: checkpoint tensor name} for every parameter of the model."""
+    vis, txt, (proj1, proj2), head = PREFIXES[layout]
+    names = {
+        "vision.patch_embedding.weight": vis + "embeddings.patch_embedding.weight",
+        "vision.patch_embedding.bias": vis + "embeddings.patch_embedding.bias",
+        "vision.position_embedding.weight": vis + "embeddings.position_embedding.weight",
+        "projector.linear_1.weight": proj1 + "weight", "projector.linear_1.bias": proj1 + "bias",
+        "projector.linear_2.weight": proj2 + "weight", "projector.linear_2.bias": proj2 + "bias",
+        "decoder.embed_tokens.weight": txt + "embed_tokens.weight",
+        "decoder.norm.weight": txt + "norm.weight",
+    }
+    for j in range(vision_layers):
+        for t in VISION_BLOCK:
+            names[f"vision.layers.{j}.{t.replace('mlp.', '')}"] = f"{vis}encoder.layers.{j}.{t}"
+    for i in range(cfg.text.num_layers):
+        for t in TEXT_BLOCK:
+            names[f"decoder.layers.{i}.{t}"] = f"{txt}layers.{i}.{t}"
+    if not cfg.text.tie_word_embeddings:
+        names["decoder.lm_head.weight"] = head
+    return names
+
+
+def unused_reason(name: str, cfg: ModelConfig, layout: str, vision_layers: int):
+    """Why a checkpoint tensor is deliberately not loaded, or None if it should have been used."""
+    vis, _, _, head = PREFIXES[layout]
+    if name.startswith(vis + "post_layernorm."):
+        return "LLaVA takes the features before SigLIP's post_layernorm"
+    if name.startswith(vis + "head."):
+        return "SigLIP's pooling head is not part of LLaVA"
+    if name == "model.image_newline":
+        return "image_newline only serves the original anyres merge, which the HF model does not use"
+    if name.endswith("rotary_emb.inv_freq"):
+        return "RoPE frequencies are recomputed from rope_theta"
+    if name == head and cfg.text.tie_word_embeddings:
+        return "tie_word_embeddings: the output head is the embedding matrix"
+    m = re.match(re.escape(vis) + r"encoder\.layers\.(\d+)\.", name)
+    if m and int(m.group(1)) >= vision_layers:
+        return "encoder layers after the feature layer are never run"
+    return None
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def weight_files(path: str) -> dict:
+    """{tensor name: file} for a folder holding model.safetensors or shards with an index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise WeightsError(f"{path}: no *.safetensors weights found (and no model.safetensors.index.json)")
+    where = {}
+    for fname in files:
+        file = os.path.join(path, fname)
+        if not os.path.isfile(file):
+            raise WeightsError(f"{index}: lists shard {fname}, which is missing")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key in where:
+                        raise WeightsError(f"{file}: tensor {key} is also in {where[key]}")
+                    where[key] = file
+        except WeightsError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
+    return where
+
+
+def detect_layout(cfg: ModelConfig, where: dict) -> str:
+    if cfg.layout == "lmms-lab":
+        return "lmms-lab"
+    # both llava-hf layouts share config.json; only the vision tower's prefix differs
+    return "hf5" if "vision_tower.embeddings.patch_embedding.weight" in where else "llava-hf"
+
+
+def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
+    """Copy every tensor of the checkpoint at `path` into `model` (converted to its dtype)."""
+    where = where if where is not None else weight_files(path)
+    layout = detect_layout(cfg, where)
+    vision_layers = len(model.vision.layers)
+    names = tensor_names(cfg, layout, vision_layers)
+    params = dict(model.named_parameters())
+    assert set(names) == set(params), f"key map out of date: {set(names) ^ set(params)}"
+
+    missing = [ck for ck in names.values() if ck not in where]
+    if missing:
+        files = ", ".join(sorted({os.path.basename(f) for f in where.values()}))
+        raise WeightsError(f"{path}: tensor {missing[0]} is missing from {files} ({len(missing)} missing in all; "
+                           f"layout {layout})")
+    used = set(names.values())
+    for key, file in where.items():
+        if key not in used and unused_reason(key, cfg, layout, vision_layers) is None:
+            raise WeightsError(f"{file}: unexpected tensor {key} (not part of a {layout} LLaVA-Qwen2 checkpoint)")
+
+    by_file = {}
+    for ours, ck in names.items():
+        by_file.setdefault(where[ck], []).append((ours, ck))
+    with torch.no_grad():
+        for file, pairs in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for ours, ck in pairs:
+                    p = params[ours]
+                    shape = tuple(f.get_slice(ck).get_shape())
+                    if shape != tuple(p.shape):
+                        raise WeightsError(f"{file}: tensor {ck} has shape {list(shape)}, expected {list(p.shape)}")
+                    p.copy_(f.get_tensor(ck))  # one tensor in memory at a time; copy_ converts dtype
+    return layout
