@@ -8,11 +8,7 @@
 from .attention import set_backend, use_backend
 from .config import ModelConfig, TextConfig, VisionConfig, load_config
 from .model import Model
-
-try:  # the processor is optional while it is being written
-    from .processor import Processor
-except ImportError:  # pragma: no cover
-    pass
+from .processor import Processor
 
 __all__ = ["Model", "Processor", "ModelConfig", "TextConfig", "VisionConfig", "load_config",
            "set_backend", "use_backend"]

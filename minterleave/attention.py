@@ -79,6 +79,8 @@ def attend(q, k, v, causal=False, mask=None, scale=None):
 
     mask: optional bool tensor broadcastable to (B, 1, Tq, Tk), True = may attend (padding).
     """
+    if causal and q.shape[2] == 1:
+        causal = False  # a single query is the newest token: it sees every key (decode steps)
     backend = _backend
     if backend is None:
         backend = "triton" if q.is_cuda and _triton_usable(q) else "sdpa"

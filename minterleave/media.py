@@ -11,6 +11,9 @@ numpy dtypes), so they are bit-equal to `LlavaProcessor` in a venv without torch
     which DROPS alpha (no white compositing) before the steps above can see it;
   - numpy uint8 (H,W,3) as-is; (H,W,4) composited onto white in float64 and rounded; (H,W) or
     (H,W,1) repeated to 3 channels (transformers does not accept those).
+  Note: the official preprocessor_config.json says `"do_convert_rgb": null`, which transformers 5.24
+  takes as "do not convert" (its SigLIP processor then fails on L/P/RGBA/CMYK images); we always
+  convert, i.e. we match transformers with do_convert_rgb=True (and exactly, on RGB inputs, without).
 * `preprocess`: PIL `resize((S,S), BICUBIC)` (reducing_gap None), then `uint8 → float64 * 1/255 →
   float32`, then `(x - mean) / std` in float32; returned channels-first (3,S,S).
 """

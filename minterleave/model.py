@@ -8,6 +8,7 @@ References: Li et al. 2024, "LLaVA-NeXT-Interleave" (arXiv 2407.07895); Liu et a
 transformers' modeling_llava.py, whose logits this module reproduces.
 """
 
+import json
 import os
 
 import torch
@@ -23,6 +24,16 @@ from . import weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_eos_ids(path):
+    """The ids that end generation, from generation_config.json (absent: none)."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return []
+    with open(file) as f:
+        eos = json.load(f).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 class Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -30,6 +41,7 @@ class Model(nn.Module):
         self.vision = VisionTower(cfg.vision, cfg.vision_layers_used)
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.decoder = Decoder(cfg.text)
+        self.eos_token_ids = []  # filled from generation_config.json by from_pretrained
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
@@ -43,9 +55,10 @@ class Model(nn.Module):
         where = weights.weight_files(path)  # fail on a folder without weights before allocating
         # build on the meta device, then allocate each parameter once, in the target dtype
         with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to_empty(device=device).to(dtype)
+            model = cls(cfg).to(dtype)  # free: meta tensors have no storage
+        model = model.to_empty(device=device)
         weights.load_weights(model, path, cfg, where)
+        model.eos_token_ids = read_eos_ids(path)
         return model.eval()
 
     @property
@@ -100,9 +113,12 @@ class Model(nn.Module):
         attention_mask: (B, T) 0/1 for left-padded batches. last_only: logits of the last position
         only (generation needs nothing else). Extra processor outputs (**unused) are ignored.
         """
-        h = self.embed(input_ids, pixel_values)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if past and pixel_values is None:  # a decode step: a sampled <image> id is just a token
+            h = self.decoder.embed_tokens(input_ids)
+        else:
+            h = self.embed(input_ids, pixel_values)
         if attention_mask is None or bool(attention_mask.all()):
             positions = torch.arange(past, past + T, device=h.device).expand(B, T)
             mask = None

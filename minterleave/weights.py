@@ -10,16 +10,20 @@ one entry per tensor, for three layouts of the same weights:
 Loading is strict, as in nanoGPT's from_pretrained: every parameter must be found with the
 right shape, and every tensor of the files must be used or be on the explicit list of
 deliberately unused ones (`unused_reason`). Anything else is an error naming tensor and file.
-Tensors are read one at a time and converted to the target dtype as they are copied in, so
-loading never holds more than the model plus one tensor.
+Tensors are read one at a time, straight from the file into the parameter when the dtypes
+agree, else through one temporary, so loading holds the model plus at most one tensor. We read
+with plain file reads at the offsets the safetensors header gives rather than through mmap:
+mapped pages count towards the process's resident memory until unmapped, which would add the
+whole file on top of the model.
 """
 
 import json
 import os
 import re
 
+import struct
+
 import torch
-from safetensors import safe_open
 
 from .config import ModelConfig
 
@@ -88,6 +92,43 @@ class WeightsError(ValueError):
     pass
 
 
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_header(file: str) -> tuple:
+    """(data start offset, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file.
+    The format: 8-byte little-endian header length, a JSON header, then the raw tensor bytes."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            if info["dtype"] not in DTYPES:
+                raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
+    return 8 + n, header
+
+
+def read_into(f, start: int, info: dict, out: torch.Tensor):
+    """Read one tensor's bytes from the open file `f` into `out` (converting dtype if needed)."""
+    begin, end = info["data_offsets"]
+    src_dtype = DTYPES[info["dtype"]]
+    direct = src_dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu"
+    buf = out if direct else torch.empty(info["shape"], dtype=src_dtype)
+    raw = buf.view(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+    f.seek(start + begin)
+    if f.readinto(raw) != end - begin or raw.nbytes != end - begin:
+        raise WeightsError(f"{f.name}: tensor data is truncated")
+    if not direct:
+        out.copy_(buf)
+
+
 def weight_files(path: str) -> dict:
     """{tensor name: file} for a folder holding model.safetensors or shards with an index."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -104,16 +145,10 @@ def weight_files(path: str) -> dict:
         file = os.path.join(path, fname)
         if not os.path.isfile(file):
             raise WeightsError(f"{index}: lists shard {fname}, which is missing")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    if key in where:
-                        raise WeightsError(f"{file}: tensor {key} is also in {where[key]}")
-                    where[key] = file
-        except WeightsError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
+        for key in read_header(file)[1]:
+            if key in where:
+                raise WeightsError(f"{file}: tensor {key} is also in {where[key]}")
+            where[key] = file
     return where
 
 
@@ -148,11 +183,25 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
         by_file.setdefault(where[ck], []).append((ours, ck))
     with torch.no_grad():
         for file, pairs in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for ours, ck in pairs:
-                    p = params[ours]
-                    shape = tuple(f.get_slice(ck).get_shape())
-                    if shape != tuple(p.shape):
-                        raise WeightsError(f"{file}: tensor {ck} has shape {list(shape)}, expected {list(p.shape)}")
-                    p.copy_(f.get_tensor(ck))  # one tensor in memory at a time; copy_ converts dtype
+            start, header = read_header(file)
+            for ours, ck in pairs:  # check every shape before reading anything
+                if tuple(header[ck]["shape"]) != tuple(params[ours].shape):
+                    raise WeightsError(f"{file}: tensor {ck} has shape {header[ck]['shape']}, "
+                                       f"expected {list(params[ours].shape)}")
+            with open(file, "rb") as f:
+                for ours, ck in sorted(pairs, key=lambda pair: header[pair[1]]["data_offsets"][0]):
+                    read_into(f, start, header[ck], params[ours].data)
     return layout
+
+
+def save_weights(model, path: str, cfg: ModelConfig):
+    """Write `model`'s tensors to `path/model.safetensors` in the llava-hf layout (atomically:
+    a temporary file renamed into place, so a crash never leaves a half-written checkpoint)."""
+    from safetensors.torch import save_file
+    names = tensor_names(cfg, "llava-hf", len(model.vision.layers))
+    params = dict(model.named_parameters())
+    tensors = {ck: params[ours].detach().contiguous() for ours, ck in names.items()}
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))

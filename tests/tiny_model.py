@@ -37,7 +37,7 @@ def hf_model(seed=0, **kw):
             if "norm" in name:  # layer norms and RMS norms default to ones / zeros
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
             elif "embed_tokens" in name or "lm_head" in name:
-                p.normal_(0, 0.5)
+                p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.15)
     return model
