@@ -1,0 +1,108 @@
+"""Ask a LLaVA-Interleave checkpoint about images, a video, 3D views or one large image.
+
+    python sample.py                                     # the bundled tiny model: one demo per domain
+    python sample.py --model DIR --image a.png --image b.png --prompt "What changed?"
+    python sample.py --model DIR --video clip.mp4 --frames 8 --prompt "What happens?"
+    python sample.py --model DIR --views v0.png v1.png v2.png --prompt "How many objects?"
+    python sample.py --model DIR --image big.png --multi-patch --prompt "What is written?"
+
+The prompt may place media itself with `<image>` / `<video>` placeholders (filled in the
+order given: --image files, then --views, then --video); without placeholders every medium goes
+first, as the chat template does. The answer streams as it is generated; a last line gives the
+prompt length, the number of new tokens and the speed.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED = os.path.join(HERE, "weights", "minterleave-tiny")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=BUNDLED, help="checkpoint folder (default: the bundled tiny model)")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable, in order)")
+    p.add_argument("--video", help="a video file (frames sampled uniformly)")
+    p.add_argument("--frames", type=int, default=None, help="frames to sample from --video (default: checkpoint's, else 16)")
+    p.add_argument("--views", nargs="+", default=[], help="views of one 3D scene (one image each)")
+    p.add_argument("--multi-patch", action="store_true", help="tile the single --image AnyRes-style (overview + tiles)")
+    p.add_argument("--prompt", default=None, help="the question; may contain <image>/<video> placeholders")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"],
+                   help="attention backend (default: triton on CUDA, sdpa elsewhere)")
+    return p.parse_args(argv)
+
+
+def build_prompt(proc, question, n_images, has_video):
+    """The chat-formatted prompt: media first unless the question places them itself."""
+    if "<image>" in question or "<video>" in question:
+        content = [{"type": "text", "text": question}]
+    else:
+        content = [{"type": "image"}] * n_images + [{"type": "video"}] * has_video
+        content = content + [{"type": "text", "text": question}]
+    return proc.apply_chat_template([{"role": "user", "content": content}])
+
+
+def answer(model, proc, prompt, images=(), videos=(), num_frames=None, multi_patch=False, args=None, out=sys.stdout):
+    """Stream the model's answer to `prompt`; return (text, prompt tokens, new tokens, seconds)."""
+    inputs = proc(prompt, images=list(images) or None, videos=list(videos) or None, num_frames=num_frames,
+                  multi_patch=multi_patch)
+    stream = proc.stream_decoder()
+
+    def show(token):
+        piece = stream.put([int(token[0])])
+        if piece:
+            out.write(piece)
+            out.flush()
+
+    t0 = time.time()
+    new = model.generate(**inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         eos_token_id=proc.eos_token_ids, stream=show)
+    seconds = time.time() - t0
+    out.write(stream.flush() + "\n")
+    return proc.decode(new[0]), inputs["input_ids"].shape[1], new.shape[1], seconds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import minterleave as mi
+
+    if args.attn:
+        mi.set_backend(args.attn)
+    if not os.path.isdir(args.model):
+        raise ValueError(f"{args.model}: checkpoint folder not found (train one with train.py or pass --model)")
+    model = mi.Model.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    proc = mi.Processor.from_pretrained(args.model)
+    media = args.image or args.views or args.video
+    if args.prompt is None and not media:
+        from minterleave.demo import run_demo  # the bundled model's one-example-per-domain tour
+        return run_demo(model, proc, args)
+    if args.multi_patch and len(args.image) != 1:
+        raise ValueError("--multi-patch needs exactly one --image")
+    question = args.prompt or "Describe what you see."
+    images = args.image + args.views
+    prompt = build_prompt(proc, question, len(images), bool(args.video))
+    _, n_prompt, n_new, seconds = answer(model, proc, prompt, images, [args.video] if args.video else [],
+                                         args.frames, args.multi_patch, args)
+    print(f"[prompt {n_prompt} tokens, {n_new} new tokens, {n_new / max(seconds, 1e-9):.1f} tokens/s]")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
