@@ -1,0 +1,58 @@
+"""The README's claims are checked here so they cannot drift from the code."""
+
+import glob
+import os
+import re
+import shlex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+
+
+def commands(prefix):
+    """Indented command lines of the README that start with `prefix`."""
+    return [line.strip() for line in README.splitlines() if line.startswith("    " + prefix)]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
+    quick = README.split("## Quick start")[1].split("##")[0]
+    cmds = [line.strip() for line in quick.splitlines() if line.startswith("    ")]
+    assert len(cmds) == 2
+    run, test = cmds
+    assert run.endswith("python sample.py") and test.endswith("python -m pytest -q")
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    # CI performs the test command's set-up steps and the test command itself, in order
+    steps = [s.strip() for s in test.split("&&")][2:]  # after venv creation and activation
+    positions = [ci.find(s) for s in steps]
+    assert all(p >= 0 for p in positions), (steps, positions)
+    assert positions == sorted(positions)
+
+
+def test_layout_table_lists_every_module():
+    modules = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "minterleave", "*.py"))
+                     + glob.glob(os.path.join(ROOT, "kernels", "*.py")))
+    table = README.split("## Layout")[1].split("##")[0]
+    missing = [m for m in modules if os.path.basename(m) not in table and not m.endswith("__init__.py")
+               and not m.startswith("kernels/bench")]
+    assert not missing, f"README layout table lacks {missing}"
+
+
+def test_sample_examples_use_real_flags():
+    import sys
+    sys.path.insert(0, ROOT)
+    import sample
+    examples = commands("python sample.py")
+    assert len(examples) >= 5
+    for line in examples:
+        argv = shlex.split(line.split("#")[0])[2:]
+        args = sample.parse_args(argv)  # argparse exits on an unknown flag
+        assert args is not None
+
+
+def test_token_cost_table_matches_the_processor_arithmetic():
+    per_image = (384 // 14) ** 2
+    assert f"| {per_image} (27 × 27 patches)" in README
+    assert f"{16 * per_image:,}" in README
+    fit = 32768 // per_image
+    assert f"{fit} images or frames ({fit * per_image:,} tokens), leaving {32768 - fit * per_image}" in README
+    assert re.search(rf"{3 * per_image:,} to {5 * per_image:,}", README)
