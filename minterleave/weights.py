@@ -1,6 +1,6 @@
 """Checkpoint reading: safetensors files in the official layouts -> the modules' parameters.
 
-The map from our parameter names to checkpoint tensor names is written out (`tensor_names`),
+The map from checkpoint tensor names to our parameter names is written out (`tensor_map`),
 one entry per tensor, for three layouts of the same weights:
 - "llava-hf": the hub's llava-interleave-*-hf files (language_model.model.*,
   vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*, language_model.lm_head.*);
@@ -30,10 +30,26 @@ from .config import ModelConfig
 VISION_BLOCK = [f"{m}.{p}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
                                       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                       "self_attn.out_proj") for p in ("weight", "bias")]
-TEXT_BLOCK = ["input_layernorm.weight", "post_attention_layernorm.weight",
-              "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
-              "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-              "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+
+def text_block(cfg: ModelConfig) -> dict:
+    """{checkpoint name: (our name, rows)} inside one decoder layer. q, k and v (and gate and up)
+    are separate tensors in every checkpoint but one matmul here (fewer, larger matmuls decode
+    faster), so each fills a block of rows of the fused weight; rows None = the whole tensor."""
+    t = cfg.text
+    q, kv, inter = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+    block = {"input_layernorm.weight": ("input_layernorm.weight", None),
+             "post_attention_layernorm.weight": ("post_attention_layernorm.weight", None),
+             "self_attn.o_proj.weight": ("self_attn.o_proj.weight", None),
+             "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", (0, inter)),
+             "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", (inter, 2 * inter)),
+             "mlp.down_proj.weight": ("mlp.down_proj.weight", None)}
+    for p in ("weight", "bias"):
+        block[f"self_attn.q_proj.{p}"] = (f"self_attn.qkv_proj.{p}", (0, q))
+        block[f"self_attn.k_proj.{p}"] = (f"self_attn.qkv_proj.{p}", (q, q + kv))
+        block[f"self_attn.v_proj.{p}"] = (f"self_attn.qkv_proj.{p}", (q + kv, q + 2 * kv))
+    return block
+
 
 # (vision tower prefix, text prefix, projector linear_1 / linear_2 prefix, untied head) per layout
 PREFIXES = {
@@ -46,26 +62,28 @@ PREFIXES = {
 }
 
 
-def tensor_names(cfg: ModelConfig, layout: str, vision_layers: int) -> dict:
-    """{our parameter name: checkpoint tensor name} for every parameter of the model."""
+def tensor_map(cfg: ModelConfig, layout: str, vision_layers: int) -> dict:
+    """{checkpoint tensor name: (our parameter name, rows)} for every tensor the model loads."""
     vis, txt, (proj1, proj2), head = PREFIXES[layout]
-    names = {
-        "vision.patch_embedding.weight": vis + "embeddings.patch_embedding.weight",
-        "vision.patch_embedding.bias": vis + "embeddings.patch_embedding.bias",
-        "vision.position_embedding.weight": vis + "embeddings.position_embedding.weight",
-        "projector.linear_1.weight": proj1 + "weight", "projector.linear_1.bias": proj1 + "bias",
-        "projector.linear_2.weight": proj2 + "weight", "projector.linear_2.bias": proj2 + "bias",
-        "decoder.embed_tokens.weight": txt + "embed_tokens.weight",
-        "decoder.norm.weight": txt + "norm.weight",
+    whole = {
+        vis + "embeddings.patch_embedding.weight": "vision.patch_embedding.weight",
+        vis + "embeddings.patch_embedding.bias": "vision.patch_embedding.bias",
+        vis + "embeddings.position_embedding.weight": "vision.position_embedding.weight",
+        proj1 + "weight": "projector.linear_1.weight", proj1 + "bias": "projector.linear_1.bias",
+        proj2 + "weight": "projector.linear_2.weight", proj2 + "bias": "projector.linear_2.bias",
+        txt + "embed_tokens.weight": "decoder.embed_tokens.weight",
+        txt + "norm.weight": "decoder.norm.weight",
     }
+    if not cfg.text.tie_word_embeddings:
+        whole[head] = "decoder.lm_head.weight"
     for j in range(vision_layers):
         for t in VISION_BLOCK:
-            names[f"vision.layers.{j}.{t.replace('mlp.', '')}"] = f"{vis}encoder.layers.{j}.{t}"
+            whole[f"{vis}encoder.layers.{j}.{t}"] = f"vision.layers.{j}.{t.replace('mlp.', '')}"
+    names = {ck: (ours, None) for ck, ours in whole.items()}
+    block = text_block(cfg)
     for i in range(cfg.text.num_layers):
-        for t in TEXT_BLOCK:
-            names[f"decoder.layers.{i}.{t}"] = f"{txt}layers.{i}.{t}"
-    if not cfg.text.tie_word_embeddings:
-        names["decoder.lm_head.weight"] = head
+        for ck, (ours, rows) in block.items():
+            names[f"{txt}layers.{i}.{ck}"] = (f"decoder.layers.{i}.{ours}", rows)
     return names
 
 
@@ -164,33 +182,33 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
     where = where if where is not None else weight_files(path)
     layout = detect_layout(cfg, where)
     vision_layers = len(model.vision.layers)
-    names = tensor_names(cfg, layout, vision_layers)
+    names = tensor_map(cfg, layout, vision_layers)
     params = dict(model.named_parameters())
-    assert set(names) == set(params), f"key map out of date: {set(names) ^ set(params)}"
+    assert {ours for ours, _ in names.values()} == set(params), "key map out of date"
 
-    missing = [ck for ck in names.values() if ck not in where]
+    missing = [ck for ck in names if ck not in where]
     if missing:
         files = ", ".join(sorted({os.path.basename(f) for f in where.values()}))
         raise WeightsError(f"{path}: tensor {missing[0]} is missing from {files} ({len(missing)} missing in all; "
                            f"layout {layout})")
-    used = set(names.values())
     for key, file in where.items():
-        if key not in used and unused_reason(key, cfg, layout, vision_layers) is None:
+        if key not in names and unused_reason(key, cfg, layout, vision_layers) is None:
             raise WeightsError(f"{file}: unexpected tensor {key} (not part of a {layout} LLaVA-Qwen2 checkpoint)")
 
     by_file = {}
-    for ours, ck in names.items():
-        by_file.setdefault(where[ck], []).append((ours, ck))
+    for ck, (ours, rows) in names.items():
+        target = params[ours].data if rows is None else params[ours].data[rows[0]:rows[1]]  # rows: a view
+        by_file.setdefault(where[ck], []).append((ck, target))
     with torch.no_grad():
         for file, pairs in by_file.items():
             start, header = read_header(file)
-            for ours, ck in pairs:  # check every shape before reading anything
-                if tuple(header[ck]["shape"]) != tuple(params[ours].shape):
+            for ck, target in pairs:  # check every shape before reading anything
+                if tuple(header[ck]["shape"]) != tuple(target.shape):
                     raise WeightsError(f"{file}: tensor {ck} has shape {header[ck]['shape']}, "
-                                       f"expected {list(params[ours].shape)}")
+                                       f"expected {list(target.shape)}")
             with open(file, "rb") as f:
-                for ours, ck in sorted(pairs, key=lambda pair: header[pair[1]]["data_offsets"][0]):
-                    read_into(f, start, header[ck], params[ours].data)
+                for ck, target in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
+                    read_into(f, start, header[ck], target)
     return layout
 
 
@@ -198,9 +216,11 @@ def save_weights(model, path: str, cfg: ModelConfig):
     """Write `model`'s tensors to `path/model.safetensors` in the llava-hf layout (atomically:
     a temporary file renamed into place, so a crash never leaves a half-written checkpoint)."""
     from safetensors.torch import save_file
-    names = tensor_names(cfg, "llava-hf", len(model.vision.layers))
     params = dict(model.named_parameters())
-    tensors = {ck: params[ours].detach().contiguous() for ours, ck in names.items()}
+    tensors = {}
+    for ck, (ours, rows) in tensor_map(cfg, "llava-hf", len(model.vision.layers)).items():
+        t = params[ours].detach()
+        tensors[ck] = (t if rows is None else t[rows[0]:rows[1]]).contiguous()
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
