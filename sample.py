@@ -15,7 +15,6 @@ prompt length, the number of new tokens and the speed.
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -54,30 +53,10 @@ def build_prompt(proc, question, n_images, has_video):
     return proc.apply_chat_template([{"role": "user", "content": content}])
 
 
-def answer(model, proc, prompt, images=(), videos=(), num_frames=None, multi_patch=False, args=None, out=sys.stdout):
-    """Stream the model's answer to `prompt`; return (text, prompt tokens, new tokens, seconds)."""
-    inputs = proc(prompt, images=list(images) or None, videos=list(videos) or None, num_frames=num_frames,
-                  multi_patch=multi_patch)
-    stream = proc.stream_decoder()
-
-    def show(token):
-        piece = stream.put([int(token[0])])
-        if piece:
-            out.write(piece)
-            out.flush()
-
-    t0 = time.time()
-    new = model.generate(**inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         eos_token_id=proc.eos_token_ids, stream=show)
-    seconds = time.time() - t0
-    out.write(stream.flush() + "\n")
-    return proc.decode(new[0]), inputs["input_ids"].shape[1], new.shape[1], seconds
-
-
 def main(argv=None):
     args = parse_args(argv)
     import minterleave as mi
+    from minterleave.demo import run_demo, stream_answer
 
     if args.attn:
         mi.set_backend(args.attn)
@@ -85,17 +64,18 @@ def main(argv=None):
         raise ValueError(f"{args.model}: checkpoint folder not found (train one with train.py or pass --model)")
     model = mi.Model.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     proc = mi.Processor.from_pretrained(args.model)
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, seed=args.seed)
     media = args.image or args.views or args.video
-    if args.prompt is None and not media:
-        from minterleave.demo import run_demo  # the bundled model's one-example-per-domain tour
-        return run_demo(model, proc, args)
+    if args.prompt is None and not media:  # the one-example-per-domain tour of the bundled model
+        return run_demo(model, proc, gen, model_name=args.model)
     if args.multi_patch and len(args.image) != 1:
         raise ValueError("--multi-patch needs exactly one --image")
     question = args.prompt or "Describe what you see."
     images = args.image + args.views
     prompt = build_prompt(proc, question, len(images), bool(args.video))
-    _, n_prompt, n_new, seconds = answer(model, proc, prompt, images, [args.video] if args.video else [],
-                                         args.frames, args.multi_patch, args)
+    _, n_prompt, n_new, seconds = stream_answer(model, proc, prompt, images, [args.video] if args.video else [],
+                                                args.frames, args.multi_patch, **gen)
     print(f"[prompt {n_prompt} tokens, {n_new} new tokens, {n_new / max(seconds, 1e-9):.1f} tokens/s]")
     return 0
 
