@@ -1,0 +1,356 @@
+"""Benchmark minterleave against transformers on the CPU, side by side in one run.
+
+    python bench.py                       # 0.5B configuration, random weights, bf16 and fp32
+    python bench.py --model DIR --json out.json --only minterleave --dtypes bfloat16 --quick
+    python bench.py attention [args]      # the attention-kernel benchmark, kernels/bench_attention.py
+
+Without --model, the llava-interleave-qwen-0.5b-hf configuration with random N(0, 0.02) weights is
+written once to cache/bench-0.5b (bf16, llava-hf layout, like the hub). Each implementation runs
+in its own worker process (its memory is its own); for each dtype both are loaded and every
+measurement alternates between them (A B A B), so that other work on the machine falls on both
+alike. Numbers are medians over repeats; ratios are minterleave / transformers.
+- load: from_pretrained, imports excluded (first load, then reloads). transformers maps the
+  safetensors file lazily when its dtype is the one asked for: its bf16 load is quick and pages
+  are read on first use; minterleave reads eagerly.
+- peak RSS: VmHWM from /proc/self/status (ru_maxrss would carry over from the parent), after
+  loading and after all measurements.
+- vision tower: image features (tower + projector) of 1 / 4 / 8 images.
+- time to first token: 1 image + 25 text tokens -> prefill (tower included) + first token.
+- prefill tokens/s: prompt tokens / time to first token, prompts with 1 / 4 / 8 images (fp32: 1
+  by default; its 4- and 8-image runs alone take over 10 minutes on 2 cores: --fp32-images 1,4,8).
+- decode tokens/s: --new-tokens greedy tokens after the 1-image prompt (transformers with
+  min_new_tokens: same count), each new token timestamped (minterleave's stream callback, a
+  transformers streamer): (last stamp - first stamp) / (N - 1), so no prefill in it.
+- decode bandwidth: parameter bytes read per token (decoder layers, final norm, lm_head matrix;
+  not the vision tower) x tokens/s, and its fraction of the machine's read bandwidth, measured
+  first: the faster of a sum over a 1 GB fp32 tensor and a 1-row bf16 matmul over a 1 GB matrix.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(ROOT, "cache", "bench-0.5b")
+TEXT_TOKENS = 25
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def hwm_gb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 2**20
+
+
+def build_default_checkpoint(path):
+    """llava-interleave-qwen-0.5b-hf's configuration with random N(0, 0.02) weights, bf16 on disk."""
+    import torch
+    import minterleave as mi
+    from minterleave.config import ModelConfig, TextConfig, VisionConfig, to_llava_hf_dict
+    from minterleave.weights import save_weights
+    cfg = ModelConfig(vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
+                                          image_size=384, patch_size=14),
+                      text=TextConfig(vocab_size=152000, hidden_size=1024, intermediate_size=2816, num_layers=24,
+                                      num_heads=16, num_kv_heads=16, tie_word_embeddings=True, rope_theta=1e6),
+                      image_token_id=151646, feature_layer=-1, feature_select="full")
+    say(f"writing the default checkpoint (0.5B configuration, random weights) to {path} ...")
+    with torch.device("meta"):
+        model = mi.Model(cfg).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm weights 1, biases 0
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    save_weights(model, path, cfg)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**to_llava_hf_dict(cfg), "torch_dtype": "bfloat16"}, f, indent=2)
+
+
+# ---------------------------------------------------------------- the worker subprocess
+def prompt(spec, n_images, dtype):
+    """input_ids (1, T): 5 text tokens, n_images x tokens_per_image image tokens, 20 text tokens."""
+    import torch
+    g = torch.Generator().manual_seed(n_images)
+    text = torch.randint(0, spec["vocab"], (TEXT_TOKENS,), generator=g)
+    text[text == spec["image_token"]] = 0
+    ids = torch.cat([text[:5], torch.full((n_images * spec["tokens_per_image"],), spec["image_token"]), text[5:]])
+    pixels = torch.rand(n_images, 3, spec["image_size"], spec["image_size"], generator=g) * 2 - 1
+    return ids[None], pixels.to(dtype) if n_images else None
+
+
+class Clock:
+    """Timestamps each put(): minterleave's stream callback, or a transformers streamer."""
+    def __init__(self):
+        self.stamps, self.end = [], lambda: None
+
+    def put(self, tokens):
+        self.stamps.append(time.perf_counter())
+
+
+def worker(impl, path, dtype_name, spec):
+    """One implementation, one dtype: load, then answer JSON requests on stdin, one per line."""
+    out = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything the libraries print goes to stderr
+    os.dup2(2, 1)
+    import torch
+    dtype, spec = getattr(torch, dtype_name), json.loads(spec)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    if impl == "minterleave":
+        import minterleave as mi
+        load = lambda: mi.Model.from_pretrained(path, dtype=dtype)  # noqa: E731
+    else:
+        from transformers import LlavaForConditionalGeneration
+        load = lambda: LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()  # noqa: E731
+
+    def reply(**r):
+        out.write(json.dumps({**r, "rss_gb": hwm_gb()}) + "\n")
+        out.flush()
+
+    model, req = None, {"op": "load"}
+    while req["op"] != "exit":
+        if req["op"] == "load":
+            model = None  # a reload frees the old model first
+            gc.collect()
+            t0 = time.perf_counter()
+            model = load()
+            reply(load_s=time.perf_counter() - t0)
+        elif req["op"] == "vision":
+            ids, pixels = prompt(spec, req["images"], dtype)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                if impl == "minterleave":
+                    model.image_features(pixels)
+                else:
+                    c = model.config
+                    model.get_image_features(pixel_values=pixels, vision_feature_layer=c.vision_feature_layer,
+                                             vision_feature_select_strategy=c.vision_feature_select_strategy)
+                reply(s=time.perf_counter() - t0)
+        else:  # generate: prefill + req["new"] greedy tokens
+            ids, pixels = prompt(spec, req["images"], dtype)
+            n, clock = req["new"], Clock()
+            t0 = time.perf_counter()
+            if impl == "minterleave":
+                new = model.generate(ids, pixels, max_new_tokens=n, stream=clock.put)
+            else:
+                images = {} if pixels is None else {"pixel_values": pixels}
+                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, do_sample=False,
+                                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0, streamer=clock)
+                new, clock.stamps = new[:, ids.shape[1]:], clock.stamps[1:]  # the first put is the prompt
+            t = clock.stamps
+            reply(ttft_s=t[0] - t0, prompt_tokens=ids.shape[1], tokens=new[0].tolist(),
+                  decode_s=(t[-1] - t[0]) / (n - 1) if n > 1 else None)
+        req = json.loads(sys.stdin.readline() or '{"op": "exit"}')
+    return 0
+
+
+class Worker:
+    def __init__(self, impl, path, dtype, spec):
+        self.impl, self.log = impl, tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_worker", impl, path, dtype,
+                                   json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.log, text=True, cwd=ROOT)
+        self.loaded = self.read()
+
+    def read(self):
+        line = self.p.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"the {self.impl} worker died:\n{self.log.read()[-4000:]}")
+        return json.loads(line)
+
+    def call(self, **req):
+        self.p.stdin.write(json.dumps(req) + "\n")
+        self.p.stdin.flush()
+        return self.read() if req["op"] != "exit" else self.p.wait()
+
+
+# ---------------------------------------------------------------- the parent
+def machine():
+    import torch
+    import transformers
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg()}
+
+
+def read_bandwidth(gb=1.0, repeats=5):
+    """GB/s of a sum over a `gb` fp32 tensor and of a 1-row bf16 matmul over a `gb` matrix."""
+    import torch
+    res = {}
+    for name, dtype in (("sum_fp32", torch.float32), ("gemv_bf16", torch.bfloat16)):
+        x = torch.ones(int(gb * 1e9) // (4096 * torch.finfo(dtype).bits // 8), 4096, dtype=dtype)
+        v = torch.ones(1, 4096, dtype=dtype)
+        fn = (lambda: x.sum()) if name == "sum_fp32" else (lambda: torch.nn.functional.linear(v, x))
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        res[name + "_gbs"] = x.numel() * x.element_size() / statistics.median(times[1:]) / 1e9
+        del x
+    res["read_gbs"] = max(res.values())
+    return res
+
+
+def decode_bytes_per_token(cfg, dtype):
+    t, size = cfg.text, 2 if dtype in ("bfloat16", "float16") else 4
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    attn = t.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * t.hidden_size  # q/k/v with bias, o without
+    layer = attn + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size  # + SwiGLU MLP + 2 norms
+    return size * (t.num_layers * layer + t.hidden_size + t.vocab_size * t.hidden_size)
+
+
+def bench_dtype(path, dtype, spec, impls, images, args):
+    """{impl: {metric: median}} for one dtype, every measurement alternating between the workers."""
+    plan = args.repeats * [dict(op="vision", images=1), dict(op="generate", images=1, new=args.new_tokens)]
+    plan += args.heavy_repeats * ([dict(op="vision", images=k) for k in images if k != 1]
+                                  + [dict(op="generate", images=k, new=1) for k in images if k != 1])
+    plan += (args.repeats - 1) * [dict(op="load")]  # more load samples: reloads in the same worker
+    samples, workers, tokens = {i: {} for i in impls}, {}, {}
+    add = lambda impl, key, v: samples[impl].setdefault(key, []).append(v)  # noqa: E731
+    for impl in impls:
+        say(f"[{dtype}] loading {impl} ...")
+        workers[impl] = w = Worker(impl, path, dtype, spec)
+        add(impl, "load_s", w.loaded["load_s"])
+        add(impl, "load_rss_gb", w.loaded["rss_gb"])
+        say(f"[{dtype}] {impl:12s} loaded in {w.loaded['load_s']:.2f} s, VmHWM {w.loaded['rss_gb']:.2f} GB")
+    for impl in impls:  # warm-up: a text-only prompt, a few tokens
+        workers[impl].call(op="generate", images=0, new=4)
+    for req in plan:
+        for impl in impls:
+            r, k = workers[impl].call(**req), req.get("images")
+            if req["op"] == "load":
+                add(impl, "load_s", r["load_s"])
+                msg = f"reloaded in {r['load_s']:.2f} s"
+            elif req["op"] == "vision":
+                add(impl, f"vision_{k}img_s", r["s"])
+                msg = f"vision tower, {k} image(s): {r['s']:.3f} s"
+            else:
+                add(impl, f"prefill_{k}img_tok_s", r["prompt_tokens"] / r["ttft_s"])
+                msg = f"prefill {r['prompt_tokens']} tokens ({k} image(s)) + 1st token: {r['ttft_s']:.3f} s"
+                if k == 1:
+                    add(impl, "ttft_s", r["ttft_s"])
+                if r["decode_s"]:
+                    add(impl, "decode_tok_s", 1 / r["decode_s"])
+                    tokens[impl] = r["tokens"]
+                    msg += f", decode {1 / r['decode_s']:.2f} tok/s"
+            if req["op"] != "load":  # VmHWM only grows: the last reading before the reloads is the peak
+                samples[impl]["peak_rss_gb"] = [r["rss_gb"]]
+            say(f"[{dtype}] {impl:12s} {msg}")
+    for impl in impls:
+        workers[impl].call(op="exit")
+    out = {impl: {k: statistics.median(v) for k, v in m.items()} for impl, m in samples.items()}
+    if len(impls) == 2:
+        out["same_greedy_tokens"] = tokens[impls[0]] == tokens[impls[1]]
+    return out
+
+
+def rows(new):
+    """(key, what, unit, better) for every row of the table."""
+    r = [("load_s", "load time", "s", "lower"), ("load_rss_gb", "peak RSS after load", "GB", "lower"),
+         ("peak_rss_gb", "peak RSS after all measurements", "GB", "lower")]
+    r += [(f"vision_{k}img_s", f"vision tower + projector, {k} image(s)", "s", "lower") for k in (1, 4, 8)]
+    r += [("ttft_s", f"time to first token, 1 image + {TEXT_TOKENS} text tokens", "s", "lower")]
+    r += [(f"prefill_{k}img_tok_s", f"prefill, {k} image(s)", "tok/s", "higher") for k in (1, 4, 8)]
+    return r + [("decode_tok_s", f"decode, {new} greedy tokens", "tok/s", "higher"),
+                ("decode_gbs", "decode parameter bandwidth", "GB/s", "higher"),
+                ("decode_bw_frac", "decode bandwidth / machine read bandwidth", "", "higher")]
+
+
+def table(results, info, bw, args, path, seconds):
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+             f"transformers {info['transformers']}; read bandwidth {bw['read_gbs']:.1f} GB/s; load average "
+             f"{info['loadavg_at_start'][0]:.1f} at start, {info['loadavg_at_end'][0]:.1f} at end (other work). Model {path}. "
+             f"Medians of {args.repeats} (load, 1 image, decode) / {args.heavy_repeats} (4, 8 images); "
+             f"{seconds:.0f} s in all.", "",
+             "| dtype | metric | minterleave | transformers | ratio mi/tf | better |", "|---|---|---:|---:|---:|---|"]
+    def fmt(r, impl, key):
+        return "-" if key not in r.get(impl, {}) else f"{r[impl][key]:.2f}x" if impl == "ratio" else f"{r[impl][key]:.3g}"
+
+    for dtype, r in results.items():
+        for key, what, unit, better in rows(args.new_tokens):
+            if key in r["minterleave"]:
+                lines.append(f"| {dtype} | {what}{f' ({unit})' if unit else ''} | {fmt(r, 'minterleave', key)} "
+                             f"| {fmt(r, 'transformers', key)} | {fmt(r, 'ratio', key)} | {better} |")
+        if "same_greedy_tokens" in r:
+            lines.append(f"| {dtype} | same greedy tokens | {r['same_greedy_tokens']} | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sys.path.insert(0, ROOT)
+    if argv[:1] == ["attention"]:
+        from kernels.bench_attention import main as bench_attention
+        return bench_attention(argv[1:])
+    if argv[:1] == ["_worker"]:
+        return worker(*argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help=f"checkpoint folder (default: random 0.5B weights in {DEFAULT_MODEL})")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of loading and of the 1-image measurements")
+    p.add_argument("--heavy-repeats", type=int, default=1, help="repeats of the 4- and 8-image measurements")
+    p.add_argument("--images", default="1,4,8", help="image counts for the vision tower and prefill")
+    p.add_argument("--fp32-images", default="1", help="the same in float32 (each image costs ~4x bf16)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    p.add_argument("--quick", action="store_true", help="one repeat of everything, 8 new tokens (for tests)")
+    p.add_argument("--only", choices=["minterleave"], help="skip transformers")
+    p.add_argument("--json", help="write the results to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.heavy_repeats, args.new_tokens = 1, 1, 8
+    if args.new_tokens < 2 or args.repeats < 1:
+        p.error("--new-tokens must be at least 2 (decode speed needs two stamps) and --repeats at least 1")
+    from minterleave.config import load_config
+    path = args.model or DEFAULT_MODEL
+    if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
+        build_default_checkpoint(path)
+    cfg = load_config(path)
+    spec = dict(vocab=cfg.text.vocab_size, image_token=cfg.image_token_id, image_size=cfg.vision.image_size,
+                tokens_per_image=cfg.tokens_per_image, threads=args.threads)
+    impls = ["minterleave"] if args.only else ["minterleave", "transformers"]
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    info = machine()
+    say(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"transformers {info['transformers']}; model {path}")
+    if info["loadavg_at_start"][0] > 0.5:
+        say(f"warning: the machine is busy (load average {info['loadavg_at_start'][0]:.1f}): numbers will be noisy")
+    bw = read_bandwidth()
+    say(f"read bandwidth {bw['read_gbs']:.1f} GB/s (sum fp32 {bw['sum_fp32_gbs']:.1f}, "
+        f"gemv bf16 {bw['gemv_bf16_gbs']:.1f})")
+    t0, results = time.perf_counter(), {}
+    for dtype in args.dtypes.split(","):
+        images = [int(k) for k in (args.fp32_images if dtype == "float32" else args.images).split(",")]
+        results[dtype] = r = bench_dtype(path, dtype, spec, impls, images, args)
+        for impl in impls:
+            r[impl]["decode_gbs"] = decode_bytes_per_token(cfg, dtype) * r[impl]["decode_tok_s"] / 1e9
+            r[impl]["decode_bw_frac"] = r[impl]["decode_gbs"] / bw["read_gbs"]
+        if len(impls) == 2:
+            r["ratio"] = {k: r["minterleave"][k] / r["transformers"][k] for k in r["minterleave"]}
+    info["loadavg_at_end"] = os.getloadavg()
+    say("\n" + table(results, info, bw, args, path, time.perf_counter() - t0))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "bandwidth": bw, "model": path, "args": vars(args), "results": results,
+                       "decode_bytes_per_token": {d: decode_bytes_per_token(cfg, d) for d in results}}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""M4-Instruct-style records → training batches (prompt tokens masked, answer tokens supervised).
+
+    proc = Processor.from_pretrained(ckpt)
+    ds = JsonDataset("m4_instruct_annotations.json", image_root="M4-Instruct-Data", processor=proc)
+    batch = collate([ds[0], ds[1]], proc.pad_token_id)   # input_ids, attention_mask, labels, pixel_values
+
+A record (checkpoints.md §4.1): {"id", "image": [relative paths], "conversations": [{"from": "human"|"gpt",
+"value": "...<image>..."}, ...], "metadata": {...}}; optional "video": a relative path, "multi_patch": true.
+
+How a record becomes one token sequence (the LLaVA-NeXT `preprocess_qwen` layout, without its system turn,
+because the llava-hf chat template inserts none):
+
+    <|im_start|>user\\n{human value}<|im_end|>\\n<|im_start|>assistant\\n{gpt value}<|im_end|>\\n ...
+
+* Turn text is used verbatim; each `<image>` in it is where the next image of the record goes (the processor
+  expands it to tokens_per_image image tokens, or to 1 + n_tiles images for multi-patch). So the model sees
+  the images exactly where the placeholders are, interleaved or in front. For a record whose placeholders
+  come first followed by "\\n" + question (what the synthetic tasks call placement "front", and how LLaVA
+  data usually looks), the prefix up to and including `<|im_start|>assistant\\n` is byte-identical to
+  `Processor.apply_chat_template` of the equivalent messages ({"type": "image"} items, then the text) with
+  add_generation_prompt=True: training and inference prompts agree. (The hub template renders an
+  *assistant* message as "\\n" + text; we follow the original training code, which puts the answer right
+  after `assistant\\n`, i.e. exactly where generation starts.)
+* A record with images but no `<image>` in any human turn gets "<image>" * n + "\\n" prepended to its first
+  human turn (as LLaVA's training code does); any other count mismatch is an error naming the record.
+* Supervised (label = token id): every assistant answer's tokens and its closing `<|im_end|>`. Everything
+  else (user turns, the `<|im_start|>assistant\\n` headers, the "\\n" after `<|im_end|>`, padding) is -100.
+  Each turn is tokenized separately (as LLaVA does), so a label span never straddles a BPE merge.
+* Roles: "human"/"user" → user, "gpt"/"assistant" → assistant, "system" → system. Leading non-user turns
+  other than a system turn are dropped (some M4-Instruct rows start with "gpt"); a record must end up with at
+  least one user turn followed by an assistant turn.
+* Image paths are relative to `image_root`; absolute paths and paths that leave the root (`..`) are refused
+  (DataError naming the record and the path), and missing files are reported by path.
+* Multi-patch: `"multi_patch": true` (or metadata.domain == "multi_patch") sends the record's images through
+  the processor's AnyRes tiling (overview + tiles).
+* Video: a record with "video" (a file under image_root) is decoded through the processor's video path
+  (`<image>`/`<video>` placeholder → K frames) when it has no "image" list or when video_mode="video";
+  otherwise its "image" list (the frames as PNGs) is used.
+
+Synthetic training data (train.py's default) needs no disk: `encode_sample` encodes a `tasks.Sample` directly,
+with the same layout. Sample seeds: evaluation uses tasks.sample_seed(S, i) = S * 10_000_000 + i with S <
+EVAL_SEED_LIMIT (so seeds < 1e9); training uses train_seed(S, k) = TRAIN_SEED_BASE + S * 100_000_000 + k, i.e.
+seeds >= 1e9. The two ranges never meet.
+"""
+
+import json
+import os
+
+import torch
+
+IGNORE_INDEX = -100
+TRAIN_SEED_BASE = 1_000_000_000
+EVAL_SEED_LIMIT = 100  # eval --seed S < 100 → sample seeds < 1e9 = TRAIN_SEED_BASE
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def train_seed(seed, k):
+    """Sample seed of the k-th training sample (per domain) of training run `seed`."""
+    if not 0 <= k < 100_000_000:
+        raise ValueError(f"training sample index {k} out of range")
+    return TRAIN_SEED_BASE + seed * 100_000_000 + k
+
+
+def record_name(record, index=None):
+    rid = record.get("id", record.get("sample_id")) if isinstance(record, dict) else None
+    if rid is not None:
+        return f"record {rid!r}" + (f" (#{index})" if index is not None else "")
+    return f"record #{index}" if index is not None else "record"
+
+
+def safe_path(root, rel, name="record"):
+    """root/rel, refusing absolute paths and paths that leave root."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{name}: image path {rel!r} is not a non-empty string")
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise DataError(f"{name}: image path {rel!r} is absolute; paths must be relative to the image root")
+    norm = os.path.normpath(rel.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
+        raise DataError(f"{name}: image path {rel!r} escapes the image root")
+    return os.path.join(root, norm)
+
+
+def conversation(record, name="record"):
+    """The record's turns as [(role, text)], roles normalised (see the module docstring)."""
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DataError(f"{name}: no 'conversations' list")
+    turns = []
+    for t in convs:
+        role = ROLES.get(str(t.get("from", t.get("role", ""))).lower()) if isinstance(t, dict) else None
+        if role is None:
+            raise DataError(f"{name}: turn {t!r} has no known 'from' (human/gpt/user/assistant/system)")
+        text = t.get("value", t.get("content"))
+        if not isinstance(text, str):
+            raise DataError(f"{name}: a {role} turn has no text 'value'")
+        turns.append((role, text))
+    system = [t for t in turns[:1] if t[0] == "system"]
+    rest = turns[len(system):]
+    while rest and rest[0][0] != "user":
+        rest = rest[1:]
+    if not any(r == "assistant" for r, _ in rest):
+        raise DataError(f"{name}: no user turn followed by an assistant turn")
+    return system + rest
+
+
+def encode_conversation(proc, turns, images=(), videos=(), multi_patch=False, num_frames=None, name="record"):
+    """[(role, text)] + media → {"input_ids" (T,), "labels" (T,), "pixel_values" (N,3,S,S) or None}."""
+    img_tok, vid_tok = proc.image_token, "<video>"
+    images, videos = list(images), list(videos)
+    n_ph = sum(t.count(img_tok) for r, t in turns if r == "user")
+    n_vph = sum(t.count(vid_tok) for r, t in turns if r == "user")
+    if n_ph == 0 and n_vph == 0 and (images or videos):
+        k = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        front = img_tok * len(images) + vid_tok * len(videos)
+        turns = list(turns)
+        turns[k] = ("user", front + "\n" + turns[k][1])
+        n_ph, n_vph = len(images), len(videos)
+    if n_ph != len(images) or n_vph != len(videos):
+        raise DataError(f"{name}: the text has {n_ph} <image> and {n_vph} <video> placeholder(s) but the record "
+                        f"has {len(images)} image(s) and {len(videos)} video(s)")
+    ids, labels, pixels = [], [], []
+    start, end = "<|im_start|>", "<|im_end|>"
+    img_i, vid_i = 0, 0
+    for role, text in turns:
+        if role == "assistant":
+            if img_tok in text or vid_tok in text:
+                raise DataError(f"{name}: an assistant turn contains an image/video placeholder")
+            head = proc.encode(f"{start}assistant\n")
+            body = proc.encode(text + end)
+            tail = proc.encode("\n")
+            ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
+            continue
+        a, b = text.count(img_tok), text.count(vid_tok)
+        try:
+            out = proc(f"{start}{role}\n{text}{end}\n", images=images[img_i:img_i + a],
+                       videos=videos[vid_i:vid_i + b], num_frames=num_frames, multi_patch=multi_patch)
+        except ValueError as e:
+            raise DataError(f"{name}: {e}") from None
+        img_i, vid_i = img_i + a, vid_i + b
+        seq = out["input_ids"][0].tolist()
+        ids += seq
+        labels += [IGNORE_INDEX] * len(seq)
+        if "pixel_values" in out:
+            pixels.append(out["pixel_values"])
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": torch.cat(pixels) if pixels else None}
+
+
+def is_multi_patch(record):
+    meta = record.get("metadata") or {}
+    return bool(record.get("multi_patch") or meta.get("multi_patch") or meta.get("domain") == "multi_patch")
+
+
+def encode_record(proc, record, image_root=".", video_mode="frames", num_frames=None, index=None):
+    """One M4-Instruct record (paths relative to image_root) → encoded tensors (see encode_conversation)."""
+    name = record_name(record, index)
+    turns = conversation(record, name)
+    paths = record.get("image") or []
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    video = record.get("video")
+    videos = []
+    if video and (video_mode == "video" or not paths):
+        # the video replaces the frame list: its placeholder is <video>, or the record's single <image>
+        vpath = safe_path(image_root, video, name)
+        if not os.path.isfile(vpath):
+            raise DataError(f"{name}: video file not found: {vpath}")
+        n_img = sum(t.count(proc.image_token) for r, t in turns if r == "user")
+        if n_img == max(len(paths), 1) and not any("<video>" in t for _, t in turns):
+            done = False
+            new = []
+            for r, t in turns:
+                if r == "user" and not done and proc.image_token in t:
+                    head, _, rest = t.partition(proc.image_token)
+                    t = head + "<video>" + rest.replace(proc.image_token, "")
+                    done = True
+                elif r == "user":
+                    t = t.replace(proc.image_token, "")
+                new.append((r, t))
+            turns = new
+        paths, videos = [], [vpath]
+    files = [safe_path(image_root, p, name) for p in paths]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DataError(f"{name}: image file(s) not found: {', '.join(missing)}")
+    return encode_conversation(proc, turns, files, videos, is_multi_patch(record), num_frames, name)
+
+
+def sample_turns(sample):
+    """A tasks.Sample as [(role, text)]: its question (with <image> placeholders) and its answer."""
+    return [("user", sample.question), ("assistant", sample.answer)]
+
+
+def encode_sample(proc, sample):
+    """A synthetic tasks.Sample (in-memory images) → encoded tensors, same layout as a record."""
+    return encode_conversation(proc, sample_turns(sample), sample.images, (),
+                               multi_patch=sample.domain == "multi_patch", name=f"{sample.domain} sample")
+
+
+def prompt_for(sample_or_question):
+    """The inference prompt (up to `<|im_start|>assistant\\n`) for a sample / question text: the same
+    string the training layout has before the answer."""
+    q = getattr(sample_or_question, "question", sample_or_question)
+    return f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def record_question(record, image_root=".", index=None, image_token="<image>"):
+    """An evaluation record (Interleave-Bench JSON: first human turn = question, first gpt turn = answer)
+    → (prompt text with placeholders, image paths, answer, multi_patch). Paths are checked as for training."""
+    name = record_name(record, index)
+    turns = conversation(record, name)
+    q = next(t for r, t in turns if r == "user")
+    k = next(i for i, (r, _) in enumerate(turns) if r == "user")
+    a = next((t for r, t in turns[k:] if r == "assistant"), record.get("answer", ""))
+    paths = record.get("image") or []
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    files = [safe_path(image_root, p, name) for p in paths]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DataError(f"{name}: image file(s) not found: {', '.join(missing)}")
+    if files and image_token not in q:
+        q = image_token * len(files) + "\n" + q
+    if q.count(image_token) != len(files):
+        raise DataError(f"{name}: the question has {q.count(image_token)} <image> placeholder(s) but the record "
+                        f"has {len(files)} image(s)")
+    return prompt_for(q), files, a, is_multi_patch(record)
+
+
+def collate(items, pad_token_id):
+    """Right-padded batch: input_ids (B,T), attention_mask (B,T), labels (B,T) (-100 on padding),
+    pixel_values (N,3,S,S) with the images of row 0 first, then row 1, ... (the model fills image
+    positions in row-major order) — or no pixel_values key if no row has images."""
+    width = max(len(it["input_ids"]) for it in items)
+    B = len(items)
+    ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((B, width), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = it["input_ids"], it["labels"], 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
+    if pix:
+        out["pixel_values"] = torch.cat(pix)
+    return out
+
+
+def load_records(path):
+    """A JSON array (or JSON lines) of records."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    try:
+        recs = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: neither a JSON array nor JSON lines ({e})") from None
+    if isinstance(recs, dict):
+        recs = [recs]
+    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+        raise DataError(f"{path}: expected a JSON array of record objects")
+    return recs
+
+
+class JsonDataset:
+    """M4-Instruct-style JSON + image root. Every image path is checked when the file is loaded: unsafe
+    paths raise DataError at once (naming the record and path); missing files are listed by path
+    (check_files=True, the default; False defers the check to the first use of each record)."""
+
+    def __init__(self, path, image_root=None, processor=None, video_mode="frames", num_frames=None,
+                 check_files=True):
+        self.path = path
+        self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+        self.records = load_records(path)
+        self.processor = processor
+        self.video_mode, self.num_frames = video_mode, num_frames
+        missing = []
+        for i, rec in enumerate(self.records):
+            name = record_name(rec, i)
+            paths = rec.get("image") or []
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            if rec.get("video"):
+                paths = paths + [rec["video"]]
+            for p in paths:
+                full = safe_path(self.image_root, p, name)
+                if check_files and not os.path.isfile(full):
+                    missing.append(f"{full} ({name})")
+        if missing:
+            more = f" ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise DataError(f"{path}: {len(missing)} image file(s) not found under {self.image_root}: "
+                            + "; ".join(missing[:10]) + more)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return encode_record(self.processor, self.records[i], self.image_root, self.video_mode,
+                             self.num_frames, index=i)

@@ -1,0 +1,500 @@
+"""Train (or fine-tune) a LLaVA-Interleave model, nanoGPT style: one file, one loop.
+
+    python train.py --domain all --preset tiny --max-steps 3000 --out out/tiny        # from scratch
+    python train.py --init weights/minterleave-tiny --domain video --max-steps 200 --out out/ft
+    python train.py --init llava-interleave-qwen-0.5b-hf --freeze vision \\
+        --data m4_instruct_annotations.json --image-root M4-Instruct-Data --out out/m4   # real data
+    torchrun --nproc_per_node 2 train.py ...                                           # DDP
+    python train.py ... --resume                                   # continue out/... where it stopped
+
+Data: by default synthetic samples (minterleave.tasks) made on the fly from seeds: the k-th training sample
+of a domain has seed data.train_seed(--seed, k) >= 1e9, evaluation (eval.py) uses seeds < 1e9, so the two
+never meet. --domain all cycles multi_image, video, 3d, multi_patch. With --data, an M4-Instruct-style JSON
+(minterleave/data.py), reshuffled each epoch from --seed.
+
+Loss: cross-entropy on the assistant answers and their <|im_end|> only (data.py), averaged over every
+supervised token of the global batch (all micro-batches, all ranks), so gradient accumulation and DDP give
+the loss and update of one big batch. AdamW, linear warmup then cosine decay to lr/10, grad-norm clip 1.0.
+
+Output: --out DIR is a checkpoint folder in the llava-hf layout (config.json, model.safetensors, tokenizer and
+processor files), loadable by minterleave.Model.from_pretrained and transformers' LlavaForConditionalGeneration,
+plus the resume sidecar (train_state.json: step, data position, args; train_state.safetensors: AdamW moments
+and RNG state — no pickle) and train_log.jsonl (one JSON object per logged step). Every save writes
+DIR.tmp and then renames it into place, so DIR is always a complete checkpoint. --export DIR2 writes the
+final weights alone (optionally in --export-dtype bfloat16) at the end.
+
+The bundled checkpoint weights/minterleave-tiny was made with (README in weights/):
+
+    python train.py --domain all --preset tiny --seed 0 --out out/tiny --export weights/minterleave-tiny \\
+        (see weights/README.md for the exact command and its wall time)
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import minterleave as mi
+from minterleave import data, tasks
+from minterleave.config import ModelConfig, TextConfig, VisionConfig, to_llava_hf_dict
+from minterleave.tokenizer import write_tokenizer_files
+from minterleave.weights import save_weights
+
+DOMAINS = tasks.DOMAINS
+# Model presets for training from scratch (--init loads a checkpoint's own architecture instead).
+PRESETS = {
+    # the bundled model: 64 px images in 8 px patches (64 tokens per image), ~2.6M parameters
+    "tiny": dict(image_size=64, patch_size=8, v_hidden=128, v_inter=384, v_layers=4, v_heads=4,
+                 hidden=192, inter=512, layers=4, heads=6, kv_heads=2, vocab=1000, rope_theta=10000.0,
+                 max_pos=2048, num_frames=4),
+    # a toy for tests: 16 tokens per image, one layer each, trains in seconds
+    "test": dict(image_size=64, patch_size=16, v_hidden=32, v_inter=64, v_layers=1, v_heads=2,
+                 hidden=48, inter=96, layers=1, heads=4, kv_heads=2, vocab=600, rope_theta=10000.0,
+                 max_pos=2048, num_frames=4),
+}
+# the resume sidecar lives in a subfolder: loaders take every top-level *.safetensors for weights
+STATE_DIR, LOG = "train_state", "train_log.jsonl"
+STATE_JSON, STATE_TENSORS = os.path.join(STATE_DIR, "state.json"), os.path.join(STATE_DIR, "optimizer.safetensors")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domain", default="all", choices=DOMAINS + ("all",), help="synthetic domain(s) to train on")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture when training from scratch")
+    p.add_argument("--set", default="", metavar="K=V,...", help="override preset fields, e.g. layers=3,hidden=160")
+    p.add_argument("--init", default=None, metavar="DIR", help="start from this checkpoint (any supported layout)")
+    p.add_argument("--data", default=None, metavar="FILE", help="M4-Instruct-style JSON instead of synthetic data")
+    p.add_argument("--image-root", default=None, metavar="DIR", help="folder the --data image paths are relative to")
+    p.add_argument("--video-mode", default="frames", choices=("frames", "video"),
+                   help="--data records with both: use the frame list or decode the video")
+    p.add_argument("--freeze", default="", help="comma list of parts to keep fixed: vision, projector")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16, help="samples per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps (linear from 0)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--attn", default=None, choices=mi.attention.BACKENDS, help="attention backend (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (bfloat16: autocast; weights and optimizer stay float32)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="training seed: data stream and initialisation")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder (written atomically)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save and stop after this step without ending the schedule (an interruption; resume later)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between quick accuracy checks (0: never)")
+    p.add_argument("--eval-n", type=int, default=64, help="questions per domain in those checks")
+    p.add_argument("--export", default=None, metavar="DIR", help="at the end, also write the bare model here")
+    p.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------- set-up
+def setup_distributed(args):
+    """(rank, world, device) — under torchrun, DDP with gloo on CPU or nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def preset_config(args, vocab_size, image_token_id):
+    p = preset_dict(args)
+    vision = VisionConfig(hidden_size=p["v_hidden"], intermediate_size=p["v_inter"], num_layers=p["v_layers"],
+                          num_heads=p["v_heads"], image_size=p["image_size"], patch_size=p["patch_size"])
+    text = TextConfig(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["inter"],
+                      num_layers=p["layers"], num_heads=p["heads"], num_kv_heads=p["kv_heads"],
+                      rope_theta=p["rope_theta"], max_position_embeddings=p["max_pos"], tie_word_embeddings=True)
+    return ModelConfig(vision=vision, text=text, image_token_id=image_token_id, feature_layer=-1,
+                       feature_select="full")
+
+
+def preset_dict(args):
+    p = dict(PRESETS[args.preset])
+    for kv in filter(None, args.set.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in p:
+            raise SystemExit(f"--set: unknown preset field {k!r} (fields: {', '.join(p)})")
+        p[k] = type(p[k])(float(v)) if isinstance(p[k], int) else type(p[k])(v)
+    return p
+
+
+def init_weights(model, std=0.02):
+    """GPT-2 style: normal(0, std) matrices and embeddings, residual outputs scaled by 1/sqrt(2 * layers),
+    zero biases, unit norms."""
+    n_res = 2 * (len(model.decoder.layers) + len(model.vision.layers))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")):
+                p.normal_(0, std / math.sqrt(n_res))
+            else:
+                p.normal_(0, std)
+
+
+def task_corpus(n_per_domain=60, seed=0):
+    """Question + answer lines of the synthetic tasks (tokenizer training text for the bundled model)."""
+    lines = []
+    for d in DOMAINS:
+        for k in range(n_per_domain):
+            s = tasks.make_sample(d, data.train_seed(seed, k))
+            q = s.question.replace("<image>", " ")
+            lines += [q, s.answer, " ".join(s.choices)]
+    return lines * 4
+
+
+def build_assets(args, assets):
+    """Write tokenizer/processor files into `assets`; return (cfg, model) for a fresh or loaded model."""
+    if args.init:
+        for f in os.listdir(args.init):
+            src = os.path.join(args.init, f)
+            if os.path.isfile(src) and not f.endswith((".safetensors", ".bin", ".pt", ".pth")) \
+                    and f not in (LOG, "model.safetensors.index.json"):
+                shutil.copy2(src, os.path.join(assets, f))
+        model = mi.Model.from_pretrained(args.init, dtype=torch.float32)
+        return model.cfg, model
+    p = preset_dict(args)
+    info = write_tokenizer_files(assets, vocab_size=p["vocab"], image_size=p["image_size"],
+                                 patch_size=p["patch_size"], num_frames=p["num_frames"],
+                                 extra_corpus=task_corpus(), model_max_length=p["max_pos"])
+    cfg = preset_config(args, info["vocab_size"], info["image_token_id"])
+    torch.manual_seed(args.seed)
+    model = mi.Model(cfg)
+    init_weights(model)
+    return cfg, model
+
+
+# ----------------------------------------------------------------------------------------- data
+class SyntheticStream:
+    """Global sample index g → encoded synthetic sample (domain g mod len(domains), seed train_seed)."""
+
+    def __init__(self, domains, seed, proc, image_size, num_frames):
+        self.domains, self.seed, self.proc = domains, seed, proc
+        self.opts = dict(image_size=image_size, num_frames=num_frames)
+
+    def __call__(self, g):
+        d = self.domains[g % len(self.domains)]
+        smp = tasks.make_sample(d, data.train_seed(self.seed, g // len(self.domains)), **self.opts)
+        return data.encode_sample(self.proc, smp)
+
+
+class RecordStream:
+    """Global sample index g → record perm_e[g mod N] of a JSON dataset, perm_e a permutation per epoch e."""
+
+    def __init__(self, dataset, seed):
+        self.ds, self.seed, self.perm, self.epoch = dataset, seed, None, None
+
+    def __call__(self, g):
+        n = len(self.ds)
+        e = g // n
+        if e != self.epoch:
+            self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + e)).tolist()
+            self.epoch = e
+        return self.ds[self.perm[g % n]]
+
+
+def micro_batches(stream, offset, args, rank, world, pad_id):
+    """The micro-batches of one optimizer step for this rank. Micro m of rank r holds global samples
+    offset + (m * world + r) * B + [0, B): the same samples, in the same micro-batch grouping, as one
+    process with batch world * B."""
+    B = args.batch_size
+    out = []
+    for m in range(args.grad_accum):
+        start = offset + (m * world + rank) * B
+        out.append(data.collate([stream(g) for g in range(start, start + B)], pad_id))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- loss
+class LossSum(nn.Module):
+    """Sum of the token cross-entropies over supervised positions (what DDP wraps). Only the positions that
+    predict a supervised token go through the output head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, attention_mask=None, pixel_values=None):
+        m = self.model
+        h = m.embed(input_ids, pixel_values)
+        B, T = input_ids.shape
+        if attention_mask is None or bool(attention_mask.all()):
+            positions, mask = torch.arange(T, device=h.device).expand(B, T), None
+        else:
+            positions, mask = m.positions_and_mask(attention_mask)
+        h = m.decoder(h, positions, None, mask)
+        target = labels[:, 1:]
+        sel = target != data.IGNORE_INDEX
+        logits = m.decoder.logits(h[:, :-1][sel]).float()
+        return F.cross_entropy(logits, target[sel], reduction="sum")
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    lo = args.lr * args.min_lr_ratio
+    return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(model, args):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out, model, cfg, opt, assets, state, dtype=None, with_state=True):
+    """Write a complete checkpoint folder to out.tmp, then rename it to out (the old one goes last)."""
+    from safetensors.torch import save_file
+    out = os.path.abspath(out)
+    tmp, old = out + ".tmp", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for f in os.listdir(assets):
+        shutil.copy2(os.path.join(assets, f), os.path.join(tmp, f))
+    conf = to_llava_hf_dict(cfg)
+    conf["torch_dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    if dtype is not None and dtype != model.dtype:
+        model = _cast_copy(model, dtype)
+    save_weights(model, tmp, cfg)
+    if with_state:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors = {"rng/torch": torch.get_rng_state()}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    tensors[f"{k}/{names[id(p)]}"] = v.detach().cpu().reshape(v.shape).contiguous()
+        os.makedirs(os.path.join(tmp, STATE_DIR))
+        save_file(tensors, os.path.join(tmp, STATE_TENSORS))
+        with open(os.path.join(tmp, STATE_JSON), "w") as f:
+            json.dump(state, f, indent=1)
+        if os.path.isfile(os.path.join(out, LOG)):
+            shutil.copy2(os.path.join(out, LOG), os.path.join(tmp, LOG))
+    with open(os.path.join(tmp, "config.json")) as f:  # flushes nothing; a last sanity read
+        json.load(f)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cast_copy(model, dtype):
+    import copy
+    m = copy.deepcopy(model).to(dtype)
+    return m
+
+
+def find_checkpoint(out):
+    """The checkpoint to resume from: out, or out.old if a crash hit between the two renames."""
+    for d in (out, out.rstrip("/") + ".old"):
+        if os.path.isfile(os.path.join(d, STATE_JSON)) and os.path.isfile(os.path.join(d, "model.safetensors")):
+            return d
+    raise SystemExit(f"--resume: no checkpoint with {STATE_JSON} in {out}")
+
+
+def load_train_state(ckpt, model, opt):
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(ckpt, STATE_TENSORS))
+    params = dict(model.named_parameters())
+    for key, v in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind == "rng":
+            torch.set_rng_state(v)
+            continue
+        p = params[name]
+        opt.state.setdefault(p, {})[kind] = v.to(p.device) if kind != "step" else v
+    with open(os.path.join(ckpt, STATE_JSON)) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.attn:
+        mi.set_backend(args.attn)
+    out = os.path.abspath(args.out)
+    assets = tempfile.mkdtemp(prefix="minterleave-assets-")
+    start_step, offset = 0, 0
+    if args.resume:
+        ckpt = find_checkpoint(out)
+        for f in os.listdir(ckpt):
+            if os.path.isfile(os.path.join(ckpt, f)) and f not in (LOG, "config.json") \
+                    and not f.endswith(".safetensors"):
+                shutil.copy2(os.path.join(ckpt, f), os.path.join(assets, f))
+        model = mi.Model.from_pretrained(ckpt, dtype=torch.float32)
+        cfg = model.cfg
+    else:
+        if master and os.path.isfile(os.path.join(out, STATE_JSON)):
+            raise SystemExit(f"{out} already holds a training checkpoint: add --resume, or choose another --out")
+        cfg, model = build_assets(args, assets)
+    # the processor reads config.json only for the context length: give it the model's
+    with open(os.path.join(assets, "config.json"), "w") as f:
+        json.dump(to_llava_hf_dict(cfg), f)
+    proc = mi.Processor.from_pretrained(assets)
+    os.remove(os.path.join(assets, "config.json"))
+    model.train().to(device)
+    for part in filter(None, args.freeze.split(",")):
+        if part not in ("vision", "projector"):
+            raise SystemExit(f"--freeze: unknown part {part!r} (vision, projector)")
+        for p in getattr(model, part).parameters():
+            p.requires_grad_(False)
+    opt = make_optimizer(model, args)
+    if args.resume:
+        state = load_train_state(ckpt, model, opt)
+        start_step, offset = state["step"], state["samples"]
+        if master:  # drop log lines written after the checkpoint (a crash between saves)
+            _truncate_log(os.path.join(out, LOG), start_step)
+
+    if args.data:
+        ds = data.JsonDataset(args.data, args.image_root, proc, video_mode=args.video_mode)
+        stream = RecordStream(ds, args.seed)
+    else:
+        domains = DOMAINS if args.domain == "all" else (args.domain,)
+        stream = SyntheticStream(domains, args.seed, proc, cfg.vision.image_size, proc.num_frames
+                                 if proc.num_frames <= 8 else 4)
+    step_fn = LossSum(model)
+    if world > 1:
+        step_fn = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=args.data is not None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else contextlib.nullcontext())
+    G = args.batch_size * args.grad_accum * world
+    n_params = sum(p.numel() for p in model.parameters())
+    if master:
+        print(f"model: {n_params / 1e6:.2f}M parameters, vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
+              f"text {cfg.text.num_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}, "
+              f"{cfg.tokens_per_image} tokens/image; {world} process(es), global batch {G}; "
+              f"steps {start_step}->{args.max_steps}", flush=True)
+    t0, tokens_seen, done, stop = time.time(), 0, start_step, False
+    for step in range(start_step, args.max_steps):
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in micro_batches(stream, offset, args, rank, world, proc.pad_token_id)]
+        n_sup = torch.tensor(float(sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)),
+                             device=device)
+        n_tok = torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches)), device=device)
+        if world > 1:
+            dist.all_reduce(n_sup)
+            dist.all_reduce(n_tok)
+        total = torch.zeros((), device=device)
+        for m, b in enumerate(batches):
+            sync = contextlib.nullcontext() if world == 1 or m == len(batches) - 1 else step_fn.no_sync()
+            with sync:
+                with autocast:
+                    loss_sum = step_fn(b["input_ids"], b["labels"], b["attention_mask"], b.get("pixel_values"))
+                # DDP averages gradients over ranks: scale by world so the result is the global mean
+                (loss_sum * (world / n_sup)).backward()
+            total += loss_sum.detach()
+        if world > 1:
+            dist.all_reduce(total)
+        loss = float(total / n_sup)
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        offset += G
+        tokens_seen += int(n_tok)
+        done = step + 1
+        if master and (done % args.log_every == 0 or done == args.max_steps or step == start_step):
+            el = time.time() - t0
+            tps = tokens_seen / max(el, 1e-9)
+            eta = el / (done - start_step) * (args.max_steps - done)
+            rec = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(el, 1),
+                   "samples": offset}
+            print(f"step {done:6d} | loss {loss:.4f} | lr {lr:.2e} | {tps:7.0f} tok/s | "
+                  f"elapsed {el / 60:5.1f} min | ETA {eta / 60:5.1f} min", flush=True)
+            _append_log(out, rec)
+        if args.eval_every and done % args.eval_every == 0 and done < args.max_steps and master:
+            _quick_eval(model, proc, args, out, done)
+        stop = args.stop_at is not None and done >= args.stop_at
+        if done % args.save_every == 0 or done == args.max_steps or stop:
+            state = {"step": done, "samples": offset, "global_batch": G, "world_size": world,
+                     "args": vars(args), "data": "json" if args.data else "synthetic"}
+            if master:
+                save_checkpoint(out, model, cfg, opt, assets, state)
+            if world > 1:
+                dist.barrier()
+        if stop:
+            break
+    if master and args.export and not stop:
+        dtype = torch.bfloat16 if args.export_dtype == "bfloat16" else torch.float32
+        save_checkpoint(args.export, model, cfg, opt, assets, {}, dtype=dtype, with_state=False)
+        print(f"exported {args.export} ({args.export_dtype})", flush=True)
+    if args.eval_every and master and not stop:
+        _quick_eval(model, proc, args, out, args.max_steps)
+    if master:
+        print(f"{'stopped' if stop else 'done'}: {done} steps, {(time.time() - t0) / 60:.1f} min; "
+              f"checkpoint {out}", flush=True)
+    shutil.rmtree(assets, ignore_errors=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _append_log(out, rec):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, LOG), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_log(path, step):
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def _quick_eval(model, proc, args, out, step):
+    from eval import evaluate_synthetic
+    model.eval()
+    domains = DOMAINS if args.domain == "all" or args.data else (args.domain,)
+    rec = {"step": step, "eval": {}}
+    for d in domains:
+        res = evaluate_synthetic(model, proc, d, args.eval_n, seed=99)
+        rec["eval"][d] = round(res["accuracy"], 3)
+    print(f"eval step {step}: " + "  ".join(f"{d} {a:.3f}" for d, a in rec["eval"].items()), flush=True)
+    _append_log(out, rec)
+    model.train()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
