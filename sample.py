@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only decoder weights (faster CPU decoding, small logit drift)")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"],
                    help="attention backend (default: triton on CUDA, sdpa elsewhere)")
     return p.parse_args(argv)
@@ -63,6 +65,9 @@ def main(argv=None):
     if not os.path.isdir(args.model):
         raise ValueError(f"{args.model}: checkpoint folder not found (train one with train.py or pass --model)")
     model = mi.Model.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.quantize == "int8":
+        from minterleave.quantize import quantize_int8
+        quantize_int8(model)
     proc = mi.Processor.from_pretrained(args.model)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed)

@@ -132,9 +132,6 @@ class Decoder(nn.Module):
         # kept out of the state dict and out of .to(dtype): frequencies must stay fp32
         self._inv_freq = {}
 
-    def head_weight(self):
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def forward(self, h, positions, cache=None, mask=None):
         """h (B, T, C) input embeddings, positions (B, T) -> final hidden states (B, T, C).
 
@@ -151,4 +148,6 @@ class Decoder(nn.Module):
         return self.norm(h)
 
     def logits(self, h):
-        return F.linear(h, self.head_weight())  # (B, T, vocab)
+        if self.lm_head is None:  # tied: the embedding matrix is the output head
+            return F.linear(h, self.embed_tokens.weight)  # (B, T, vocab)
+        return self.lm_head(h)

@@ -63,7 +63,7 @@ class Model(nn.Module):
 
     @property
     def dtype(self):
-        return self.decoder.embed_tokens.weight.dtype
+        return self.decoder.norm.weight.dtype  # (embeddings may be int8 after quantize_int8)
 
     @property
     def device(self):

@@ -1,0 +1,71 @@
+"""Int8 weight-only quantisation of the decoder (gpt-fast style), for faster CPU decoding.
+
+Decoding one token reads every decoder weight once, so its speed is set by memory bandwidth:
+storing weights as int8 (one byte) with one scale per output row halves the bytes of bf16.
+Activations stay in the model's dtype; torch's `_weight_int8pack_mm` multiplies bf16/fp32
+activations by int8 weights without materialising a dequantised copy. The vision tower and the
+projector (run once per image) and the norms stay as they are.
+Per-row symmetric scheme: w ≈ q * s, s = max|w_row| / 127, q = round(w / s) in [-127, 127].
+Reference: gpt-fast (pytorch-labs), quantize.py "int8 weight-only".
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def quantize_rows(w):
+    """w (out, in) float -> (q int8 (out, in), scales float (out,))."""
+    scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, q, scales, bias, dtype):
+        super().__init__()
+        self.register_buffer("weight", q)                     # (out, in) int8
+        self.register_buffer("scales", scales.to(dtype))      # (out,)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear):
+        q, s = quantize_rows(linear.weight.detach())
+        return cls(q, s, linear.bias, linear.weight.dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        y = y.reshape(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """Rows looked up in int8 and scaled back; shares its int8 table with a tied output head."""
+
+    def __init__(self, q, scales, dtype):
+        super().__init__()
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(dtype))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids, None]
+
+
+@torch.no_grad()
+def quantize_int8(model):
+    """Replace the decoder's linear layers, embedding and head by int8 versions, in place."""
+    dec = model.decoder
+    dtype = dec.norm.weight.dtype
+    for block in dec.layers:
+        attn, mlp = block.self_attn, block.mlp
+        attn.qkv_proj, attn.o_proj = Int8Linear.from_linear(attn.qkv_proj), Int8Linear.from_linear(attn.o_proj)
+        mlp.gate_up_proj, mlp.down_proj = Int8Linear.from_linear(mlp.gate_up_proj), Int8Linear.from_linear(mlp.down_proj)
+    q, s = quantize_rows(dec.embed_tokens.weight)
+    dec.embed_tokens = Int8Embedding(q, s, dtype)
+    if dec.lm_head is None:  # tied: the head is the same int8 table
+        dec.lm_head = Int8Linear(q, s, None, dtype)
+    else:
+        dec.lm_head = Int8Linear.from_linear(dec.lm_head)
+    model.quantized = "int8"
+    return model
