@@ -307,7 +307,8 @@ def main(argv=None):
     p.add_argument("--fp32-images", default="1", help="the same in float32 (each image costs ~4x bf16)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
-    p.add_argument("--quick", action="store_true", help="one repeat of everything, 8 new tokens (for tests)")
+    p.add_argument("--quick", action="store_true", help="one repeat of everything, 8 new tokens, 0.25 GB "
+                   "bandwidth probe (for tests)")
     p.add_argument("--only", choices=["minterleave"], help="skip transformers")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args(argv)
@@ -331,7 +332,7 @@ def main(argv=None):
         f"transformers {info['transformers']}; model {path}")
     if info["loadavg_at_start"][0] > 0.5:
         say(f"warning: the machine is busy (load average {info['loadavg_at_start'][0]:.1f}): numbers will be noisy")
-    bw = read_bandwidth()
+    bw = read_bandwidth(0.25 if args.quick else 1.0)
     say(f"read bandwidth {bw['read_gbs']:.1f} GB/s (sum fp32 {bw['sum_fp32_gbs']:.1f}, "
         f"gemv bf16 {bw['gemv_bf16_gbs']:.1f})")
     t0, results = time.perf_counter(), {}

@@ -16,6 +16,13 @@ from .attention import attend
 from .config import TextConfig
 
 
+def skip_init_on_meta(*shape):
+    """An empty weight when modules are built on the meta device (from_pretrained), so that
+    nn.Embedding skips its random init there: on meta tensors that init pulls in torch._dynamo
+    (about 1 s and 170 MB) to produce values that the checkpoint overwrites anyway."""
+    return torch.empty(shape) if torch.get_default_device().type == "meta" else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -124,7 +131,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=skip_init_on_meta(
+            cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # tied: the output head is the embedding matrix itself (no second copy)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .attention import attend
 from .config import VisionConfig
+from .decoder import skip_init_on_meta
 
 
 class VisionAttention(nn.Module):
@@ -54,7 +55,8 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size,
+                                               _weight=skip_init_on_meta(cfg.num_patches, cfg.hidden_size))
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(num_layers))
 
     def forward(self, pixel_values):

@@ -25,7 +25,8 @@ def test_bench_quick_on_tiny_checkpoint(tmp_path):
     path = save_checkpoint(hf_model(seed=1), str(tmp_path / "ckpt"))
     out = tmp_path / "out.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", path, "--quick",
-                          "--fp32-images", "1,4,8", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          "--fp32-images", "1,4,8", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| dtype | metric |" in run.stdout  # the markdown table
     res = json.loads(out.read_text())
@@ -56,3 +57,10 @@ def test_bench_only_minterleave(tmp_path):
     r = json.loads(out.read_text())["results"]["bfloat16"]
     assert "transformers" not in r and "ratio" not in r
     assert all(positive(r["minterleave"][m]) for m in METRICS)
+
+
+def test_bench_attention_forwards_to_the_kernel_benchmark():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "attention", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "--interpret" in run.stdout  # kernels/bench_attention.py's own options

@@ -2,8 +2,7 @@
 
 Measured in a fresh process from /proc/self/status: VmHWM (peak resident set) after `import
 minterleave` is the baseline, VmHWM after from_pretrained the peak; the difference is what
-loading cost. The baseline is taken after torch's one-off import of its meta-device init
-code (a fixed ~170 MB whatever the model size). (ru_maxrss would not do: Linux carries it over from the parent process.) The checkpoint is a
+loading cost. (ru_maxrss would not do: Linux carries it over from the parent process.) The checkpoint is a
 ~600 MB bf16 model (0.5B widths, fewer layers) written by minterleave itself.
 """
 
@@ -27,8 +26,6 @@ sys.path.insert(0, {root!r})
 import minterleave as mi
 def hwm_kb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-with torch.device("meta"):  # one-off: torch imports its meta-tensor random-init code (~170 MB)
-    torch.nn.Embedding(2, 2)
 base = hwm_kb()
 model = mi.Model.from_pretrained({path!r}, dtype=torch.{dtype})
 peak = hwm_kb()
