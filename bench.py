@@ -108,7 +108,13 @@ def worker(impl, path, dtype_name, spec):
         torch.set_num_threads(spec["threads"])
     if impl == "minterleave":
         import minterleave as mi
-        load = lambda: mi.Model.from_pretrained(path, dtype=dtype)  # noqa: E731
+        from minterleave.quantize import quantize_int8
+
+        def load():
+            model = mi.Model.from_pretrained(path, dtype=dtype)
+            if spec.get("quantize") == "int8":
+                quantize_int8(model)
+            return model.prepare_for_inference()  # packed bf16 decoder weights on a CPU
     else:
         from transformers import LlavaForConditionalGeneration
         load = lambda: LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()  # noqa: E731
@@ -310,6 +316,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one repeat of everything, 8 new tokens, 0.25 GB "
                    "bandwidth probe (for tests)")
     p.add_argument("--only", choices=["minterleave"], help="skip transformers")
+    p.add_argument("--quantize", choices=["int8"], help="minterleave with int8 weight-only decoder weights")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args(argv)
     if args.quick:
@@ -322,7 +329,7 @@ def main(argv=None):
         build_default_checkpoint(path)
     cfg = load_config(path)
     spec = dict(vocab=cfg.text.vocab_size, image_token=cfg.image_token_id, image_size=cfg.vision.image_size,
-                tokens_per_image=cfg.tokens_per_image, threads=args.threads)
+                tokens_per_image=cfg.tokens_per_image, threads=args.threads, quantize=args.quantize)
     impls = ["minterleave"] if args.only else ["minterleave", "transformers"]
     if args.threads:
         import torch

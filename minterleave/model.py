@@ -133,6 +133,14 @@ class Model(nn.Module):
                                ignore_index=-100)
         return logits, loss
 
+    def prepare_for_inference(self):
+        """Inference-only speed-ups that keep results bit-identical: on a CPU in bf16, the decoder's
+        weights move to oneDNN's packed layout (packing.py). Training needs the plain layers, so
+        this is a separate, explicit step; returns self."""
+        from .packing import pack_decoder
+        pack_decoder(self.decoder)
+        return self.eval()
+
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, **kwargs):
         """New token ids (B, n): greedy unless temperature > 0. See minterleave/generate.py."""

@@ -43,3 +43,19 @@ def test_quantized_model_logit_drift(tmp_path, tied, dtype):
     assert ((ours - expected).abs().max() / expected.abs().max()).item() < tol
     out = model.generate(ids, pixels, max_new_tokens=5)  # the decode path runs on int8 weights
     assert out.shape == (1, 5)
+
+
+def test_packed_bf16_decoder_is_bit_identical(tmp_path):
+    from minterleave.packing import PackedLinear, can_pack
+    hf = hf_model(seed=6, tied=False, kv_heads=2, image_size=28)
+    path = save_checkpoint(hf, str(tmp_path / "ckpt"))
+    plain = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
+    if not can_pack(plain.decoder.norm.weight):
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    packed = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference()
+    assert isinstance(packed.decoder.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert isinstance(packed.decoder.lm_head, PackedLinear)
+    ids, pixels = interleaved_prompt(hf, n_images=2)
+    with torch.no_grad():
+        assert torch.equal(packed(ids, pixels), plain(ids, pixels))
+    assert packed.generate(ids, pixels, max_new_tokens=8).tolist() == plain.generate(ids, pixels, max_new_tokens=8).tolist()
