@@ -253,3 +253,23 @@ def test_triton_backend_matches_naive(reference):
     err = (ours - ref).abs().max().item()
     print("triton vs naive, max abs logit error:", err)
     assert err <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_on_cuda(reference, dtype):
+    """On a GPU the default backend is the Triton kernel; it matches sdpa on the whole model."""
+    hf, dirs = reference
+    model = mi.Model.from_pretrained(dirs["llava-hf"], device="cuda", dtype=dtype)
+    ids, pixels = interleaved_prompt(hf, n_images=3)
+    ids, pixels = ids.cuda(), pixels.cuda()
+    with torch.no_grad():
+        with mi.use_backend("sdpa"):
+            ref = model(ids, pixels)
+        ours = model(ids, pixels)  # default on CUDA: triton
+        tokens_ref = model.generate(ids, pixels, max_new_tokens=8)
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    print(f"cuda {dtype}: triton vs sdpa relative logit error {err:.2e}")
+    assert err <= (1e-3 if dtype == torch.float32 else 3e-2)  # tf32 / bf16 rounding
+    assert tokens_ref.shape == (1, 8)
