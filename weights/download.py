@@ -1,0 +1,42 @@
+"""Fetch the official LLaVA-NeXT-Interleave checkpoints (llava-hf layout) from the Hugging Face Hub.
+
+    python weights/download.py                 # 0.5b → weights/llava-interleave-qwen-0.5b-hf
+    python weights/download.py 7b --dir /data  # 7b   → /data/llava-interleave-qwen-7b-hf
+
+Uses huggingface_hub.snapshot_download (weights, config, tokenizer and processor files only). The rest
+of the project never needs the network. When the download cannot happen (huggingface_hub missing, no
+network, hub refused) it prints one line saying why and exits with status 1.
+"""
+
+import argparse
+import os
+import sys
+
+MODELS = {"0.5b": "llava-hf/llava-interleave-qwen-0.5b-hf", "7b": "llava-hf/llava-interleave-qwen-7b-hf"}
+PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="0.5b", choices=sorted(MODELS) + sorted(MODELS.values()))
+    p.add_argument("--dir", default=os.path.dirname(os.path.abspath(__file__)), help="parent folder")
+    args = p.parse_args(argv)
+    repo = MODELS.get(args.model, args.model)
+    dest = os.path.join(args.dir, repo.split("/")[1])
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        print(f"cannot download {repo}: huggingface_hub is not installed (pip install huggingface_hub)")
+        return 1
+    try:
+        path = snapshot_download(repo_id=repo, local_dir=dest, allow_patterns=PATTERNS)
+    except Exception as e:  # network, DNS, proxy, auth, disk: all end the same way
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"cannot download {repo} to {dest}: {type(e).__name__}: {reason}")
+        return 1
+    print(f"{repo} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
