@@ -7,30 +7,32 @@
     torchrun --nproc_per_node 2 train.py ...                                           # DDP
     python train.py ... --resume                                   # continue out/... where it stopped
 
-Data: by default synthetic samples (minterleave.tasks) made on the fly from seeds: the k-th training sample
-of a domain has seed data.train_seed(--seed, k) >= 1e9, evaluation (eval.py) uses seeds < 1e9, so the two
-never meet. --domain all cycles multi_image, video, 3d, multi_patch. With --data, an M4-Instruct-style JSON
-(minterleave/data.py), reshuffled each epoch from --seed.
+Data: by default synthetic samples (minterleave.tasks) made on the fly from seeds, rendered at the model's
+image size: the k-th training sample of a domain has seed data.train_seed(--seed, k) >= 1e9; evaluation
+(eval.py, sample.py's demo) uses seeds < 1e9, so the two never meet. --domain all cycles multi_image, video,
+3d, multi_patch (--domain-weights repeats some). With --data, an M4-Instruct-style JSON (minterleave/data.py),
+reshuffled each epoch from --seed. The batches of step s are a pure function of (seed, s), so --workers,
+--resume and DDP all see the same samples.
 
 Loss: cross-entropy on the assistant answers and their <|im_end|> only (data.py), averaged over every
 supervised token of the global batch (all micro-batches, all ranks), so gradient accumulation and DDP give
 the loss and update of one big batch. AdamW, linear warmup then cosine decay to lr/10, grad-norm clip 1.0.
+Training from scratch uses a GPT-2 style initialisation (init_weights).
 
 Output: --out DIR is a checkpoint folder in the llava-hf layout (config.json, model.safetensors, tokenizer and
 processor files), loadable by minterleave.Model.from_pretrained and transformers' LlavaForConditionalGeneration,
-plus the resume sidecar (train_state.json: step, data position, args; train_state.safetensors: AdamW moments
-and RNG state — no pickle) and train_log.jsonl (one JSON object per logged step). Every save writes
-DIR.tmp and then renames it into place, so DIR is always a complete checkpoint. --export DIR2 writes the
-final weights alone (optionally in --export-dtype bfloat16) at the end.
+plus train_log.jsonl (one JSON object per logged step) and the resume sidecar DIR/train_state/ (state.json:
+step, data position, args; optimizer.safetensors: AdamW moments and the RNG state; no pickle anywhere). Every
+save writes DIR.tmp and renames it into place (the previous checkpoint is moved to DIR.old first and deleted
+last), so DIR, or DIR.old after a crash between the two renames, is always a complete checkpoint.
+--export DIR2 writes the final model alone (no optimizer state; --export-dtype) when training ends.
 
-The bundled checkpoint weights/minterleave-tiny was made with (README in weights/):
-
-    python train.py --domain all --preset tiny --seed 0 --out out/tiny --export weights/minterleave-tiny \\
-        (see weights/README.md for the exact command and its wall time)
+The bundled checkpoint weights/minterleave-tiny: see weights/README.md for the command and its numbers.
 """
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -53,14 +55,16 @@ from minterleave.weights import save_weights
 DOMAINS = tasks.DOMAINS
 # Model presets for training from scratch (--init loads a checkpoint's own architecture instead).
 PRESETS = {
-    # the bundled model: 64 px images in 8 px patches (64 tokens per image), ~2.6M parameters
-    "tiny": dict(image_size=64, patch_size=8, v_hidden=128, v_inter=384, v_layers=4, v_heads=4,
-                 hidden=192, inter=512, layers=4, heads=6, kv_heads=2, vocab=1000, rope_theta=10000.0,
-                 max_pos=2048, num_frames=4),
-    # a toy for tests: 16 tokens per image, one layer each, trains in seconds
-    "test": dict(image_size=64, patch_size=16, v_hidden=32, v_inter=64, v_layers=1, v_heads=2,
+    # the bundled model. The synthetic tasks draw 64 px images (multi-patch: 128 px, tiled into 64 px
+    # quadrants); the processor resizes them to 96 px and the tower cuts 32 px patches, so an image is
+    # 3 x 3 = 9 tokens and each multi-image grid cell falls in exactly one patch. ~2.1M parameters.
+    "tiny": dict(image_size=96, patch_size=32, v_hidden=128, v_inter=384, v_layers=4, v_heads=4,
+                 hidden=128, inter=384, layers=4, heads=4, kv_heads=2, vocab=1000, rope_theta=10000.0,
+                 max_pos=2048, num_frames=4, pos_scale=0.5),
+    # a toy for tests: same image pipeline, one narrow layer each, trains in seconds
+    "test": dict(image_size=96, patch_size=32, v_hidden=32, v_inter=64, v_layers=1, v_heads=2,
                  hidden=48, inter=96, layers=1, heads=4, kv_heads=2, vocab=600, rope_theta=10000.0,
-                 max_pos=2048, num_frames=4),
+                 max_pos=2048, num_frames=4, pos_scale=0.5),
 }
 # the resume sidecar lives in a subfolder: loaders take every top-level *.safetensors for weights
 STATE_DIR, LOG = "train_state", "train_log.jsonl"
@@ -71,6 +75,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domain", default="all", choices=DOMAINS + ("all",), help="synthetic domain(s) to train on")
+    p.add_argument("--domain-weights", default="", metavar="D=N,...",
+                   help="give domain D N times the samples of the others, e.g. multi_image=2")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture when training from scratch")
     p.add_argument("--set", default="", metavar="K=V,...", help="override preset fields, e.g. layers=3,hidden=160")
     p.add_argument("--init", default=None, metavar="DIR", help="start from this checkpoint (any supported layout)")
@@ -103,6 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--export", default=None, metavar="DIR", help="at the end, also write the bare model here")
     p.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: make batches in the loop)")
     return p.parse_args(argv)
 
 
@@ -142,13 +149,32 @@ def preset_dict(args):
     return p
 
 
-def init_weights(model, std=0.02):
+def sincos_2d(grid, dim):
+    """(grid * grid, dim) fixed 2D sine-cosine position embedding (MAE): half the channels encode the row,
+    half the column, each at dim / 4 frequencies."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        a = coord[:, None] * omega[None, :]
+        parts += [a.sin(), a.cos()]
+    pe = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(pe, (0, dim - pe.shape[1])).float()
+
+
+def init_weights(model, std=0.02, pos_scale=0.5):
     """GPT-2 style: normal(0, std) matrices and embeddings, residual outputs scaled by 1/sqrt(2 * layers),
-    zero biases, unit norms."""
+    zero biases, unit norms. The ViT's position embedding starts as a 2D sine-cosine table (times
+    pos_scale; still learned), so patches know where they are from the first step."""
     n_res = 2 * (len(model.decoder.layers) + len(model.vision.layers))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if name == "vision.position_embedding.weight" and pos_scale:
+                grid = int(round(math.sqrt(p.shape[0])))
+                p.copy_(pos_scale * sincos_2d(grid, p.shape[1]))
+            elif "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
@@ -158,6 +184,7 @@ def init_weights(model, std=0.02):
                 p.normal_(0, std)
 
 
+@functools.lru_cache(maxsize=None)
 def task_corpus(n_per_domain=60, seed=0):
     """Question + answer lines of the synthetic tasks (tokenizer training text for the bundled model)."""
     lines = []
@@ -166,7 +193,7 @@ def task_corpus(n_per_domain=60, seed=0):
             s = tasks.make_sample(d, data.train_seed(seed, k))
             q = s.question.replace("<image>", " ")
             lines += [q, s.answer, " ".join(s.choices)]
-    return lines * 4
+    return tuple(lines * 4)
 
 
 def build_assets(args, assets):
@@ -186,22 +213,37 @@ def build_assets(args, assets):
     cfg = preset_config(args, info["vocab_size"], info["image_token_id"])
     torch.manual_seed(args.seed)
     model = mi.Model(cfg)
-    init_weights(model)
+    init_weights(model, pos_scale=p["pos_scale"])
     return cfg, model
 
 
 # ----------------------------------------------------------------------------------------- data
 class SyntheticStream:
-    """Global sample index g → encoded synthetic sample (domain g mod len(domains), seed train_seed)."""
+    """Global sample index g → encoded synthetic sample. `cycle` is the repeating order of domains (a domain
+    listed twice gets twice the samples); the k-th sample of a domain has seed data.train_seed(seed, k)."""
 
-    def __init__(self, domains, seed, proc, image_size, num_frames):
-        self.domains, self.seed, self.proc = domains, seed, proc
+    def __init__(self, cycle, seed, proc, image_size, num_frames):
+        self.cycle, self.seed, self.proc = list(cycle), seed, proc
         self.opts = dict(image_size=image_size, num_frames=num_frames)
 
     def __call__(self, g):
-        d = self.domains[g % len(self.domains)]
-        smp = tasks.make_sample(d, data.train_seed(self.seed, g // len(self.domains)), **self.opts)
+        n, j = divmod(g, len(self.cycle))
+        d = self.cycle[j]
+        k = n * self.cycle.count(d) + self.cycle[:j].count(d)
+        smp = tasks.make_sample(d, data.train_seed(self.seed, k), **self.opts)
         return data.encode_sample(self.proc, smp)
+
+
+def domain_cycle(domain, weights):
+    """The domain order of one cycle: "all" = every domain once, each repeated by --domain-weights."""
+    domains = DOMAINS if domain == "all" else (domain,)
+    w = {d: 1 for d in domains}
+    for kv in filter(None, weights.split(",")):
+        d, _, n = kv.partition("=")
+        if d not in w:
+            raise SystemExit(f"--domain-weights: {d!r} is not a trained domain ({', '.join(domains)})")
+        w[d] = int(n)
+    return [d for rep in range(max(w.values())) for d in domains if w[d] > rep]
 
 
 class RecordStream:
@@ -217,6 +259,22 @@ class RecordStream:
             self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + e)).tolist()
             self.epoch = e
         return self.ds[self.perm[g % n]]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i = the micro-batches of optimizer step start_step + i (for DataLoader workers; deterministic,
+    so any number of workers gives the same batches)."""
+
+    def __init__(self, stream, offset, args, rank, world, pad_id, n_steps, global_batch):
+        self.a = (stream, offset, args, rank, world, pad_id)
+        self.n, self.G = n_steps, global_batch
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        stream, offset, args, rank, world, pad_id = self.a
+        return micro_batches(stream, offset + i * self.G, args, rank, world, pad_id)
 
 
 def micro_batches(stream, offset, args, rank, world, pad_id):
@@ -273,7 +331,7 @@ def make_optimizer(model, args):
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out, model, cfg, opt, assets, state, dtype=None, with_state=True):
+def save_checkpoint(out, model, cfg, opt, assets, state, dtype=None, with_state=True, log_dir=None):
     """Write a complete checkpoint folder to out.tmp, then rename it to out (the old one goes last)."""
     from safetensors.torch import save_file
     out = os.path.abspath(out)
@@ -289,6 +347,8 @@ def save_checkpoint(out, model, cfg, opt, assets, state, dtype=None, with_state=
     if dtype is not None and dtype != model.dtype:
         model = _cast_copy(model, dtype)
     save_weights(model, tmp, cfg)
+    if os.path.isfile(os.path.join(log_dir or out, LOG)):
+        shutil.copy2(os.path.join(log_dir or out, LOG), os.path.join(tmp, LOG))
     if with_state:
         names = {id(p): n for n, p in model.named_parameters()}
         tensors = {"rng/torch": torch.get_rng_state()}
@@ -300,10 +360,6 @@ def save_checkpoint(out, model, cfg, opt, assets, state, dtype=None, with_state=
         save_file(tensors, os.path.join(tmp, STATE_TENSORS))
         with open(os.path.join(tmp, STATE_JSON), "w") as f:
             json.dump(state, f, indent=1)
-        if os.path.isfile(os.path.join(out, LOG)):
-            shutil.copy2(os.path.join(out, LOG), os.path.join(tmp, LOG))
-    with open(os.path.join(tmp, "config.json")) as f:  # flushes nothing; a last sanity read
-        json.load(f)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(out):
         os.rename(out, old)
@@ -313,8 +369,7 @@ def save_checkpoint(out, model, cfg, opt, assets, state, dtype=None, with_state=
 
 def _cast_copy(model, dtype):
     import copy
-    m = copy.deepcopy(model).to(dtype)
-    return m
+    return copy.deepcopy(model).to(dtype)
 
 
 def find_checkpoint(out):
@@ -386,9 +441,7 @@ def main(argv=None):
         ds = data.JsonDataset(args.data, args.image_root, proc, video_mode=args.video_mode)
         stream = RecordStream(ds, args.seed)
     else:
-        domains = DOMAINS if args.domain == "all" else (args.domain,)
-        stream = SyntheticStream(domains, args.seed, proc, cfg.vision.image_size, proc.num_frames
-                                 if proc.num_frames <= 8 else 4)
+        stream = SyntheticStream(domain_cycle(args.domain, args.domain_weights), args.seed, proc, cfg.vision.image_size, tasks.DEFAULTS["num_frames"])
     step_fn = LossSum(model)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=args.data is not None)
@@ -401,13 +454,15 @@ def main(argv=None):
               f"text {cfg.text.num_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}, "
               f"{cfg.tokens_per_image} tokens/image; {world} process(es), global batch {G}; "
               f"steps {start_step}->{args.max_steps}", flush=True)
+    steps = StepBatches(stream, offset, args, rank, world, proc.pad_token_id, max(0, args.max_steps - start_step), G)
+    loader = iter(torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=args.workers,
+                                              prefetch_factor=4 if args.workers else None))
     t0, tokens_seen, done, stop = time.time(), 0, start_step, False
     for step in range(start_step, args.max_steps):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = [{k: v.to(device) for k, v in b.items()}
-                   for b in micro_batches(stream, offset, args, rank, world, proc.pad_token_id)]
+        batches = [{k: v.to(device) for k, v in b.items()} for b in next(loader)]
         n_sup = torch.tensor(float(sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)),
                              device=device)
         n_tok = torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches)), device=device)
@@ -456,7 +511,7 @@ def main(argv=None):
             break
     if master and args.export and not stop:
         dtype = torch.bfloat16 if args.export_dtype == "bfloat16" else torch.float32
-        save_checkpoint(args.export, model, cfg, opt, assets, {}, dtype=dtype, with_state=False)
+        save_checkpoint(args.export, model, cfg, opt, assets, {}, dtype=dtype, with_state=False, log_dir=out)
         print(f"exported {args.export} ({args.export_dtype})", flush=True)
     if args.eval_every and master and not stop:
         _quick_eval(model, proc, args, out, args.max_steps)

@@ -147,8 +147,9 @@ def encode_conversation(proc, turns, images=(), videos=(), multi_patch=False, nu
         labels += [IGNORE_INDEX] * len(seq)
         if "pixel_values" in out:
             pixels.append(out["pixel_values"])
+    pix = None if not pixels else pixels[0] if len(pixels) == 1 else torch.cat(pixels)
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": torch.cat(pixels) if pixels else None}
+            "pixel_values": pix}
 
 
 def is_multi_patch(record):

@@ -101,6 +101,18 @@ def test_resume_falls_back_to_the_old_checkpoint(tmp_path):
     assert json.load(open(os.path.join(out, train.STATE_JSON)))["step"] == 4
 
 
+def test_trains_on_m4_instruct_json_and_fine_tunes_a_checkpoint(trained, tmp_path):
+    tasks.write_dataset(str(tmp_path / "m4.json"), "all", 6, seed=8, out_dir=str(tmp_path / "img"), image_size=96)
+    out = str(tmp_path / "ft")
+    train.main(FAST + ["--init", trained, "--freeze", "vision", "--data", str(tmp_path / "m4.json"),
+                       "--image-root", str(tmp_path / "img"), "--max-steps", "3", "--out", out])
+    assert [r["step"] for r in log(out)] == [1, 2, 3]
+    before, after = mi.Model.from_pretrained(trained), mi.Model.from_pretrained(out)
+    assert torch.equal(before.vision.patch_embedding.weight, after.vision.patch_embedding.weight)  # frozen
+    assert not torch.equal(before.projector.linear_1.weight, after.projector.linear_1.weight)
+    assert mi.Processor.from_pretrained(out).tokenizer.to_str() == mi.Processor.from_pretrained(trained).tokenizer.to_str()
+
+
 def test_refuses_to_overwrite_a_run_without_resume(trained):
     with pytest.raises(SystemExit, match="--resume"):
         train.main(FAST + ["--max-steps", "1", "--out", trained])
