@@ -139,3 +139,15 @@ def test_sample_py_context_overflow(checkpoint, images):
     r = run_sample("--model", path, "--prompt", "word " * 5000, "--max-new-tokens", "2")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "context" in r.stderr or "longer" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "weights", "minterleave-tiny", "model.safetensors")),
+                    reason="the bundled checkpoint is not there")
+def test_sample_py_without_arguments_runs_the_bundled_demo(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for domain in ("multi_image", "video", "3d", "multi_patch"):
+        assert f"[{domain}]" in r.stdout
+    assert r.stdout.strip().endswith("right.")
+    assert (tmp_path / "sample_out" / "video.mp4").is_file()
