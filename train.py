@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--domain", default="all", choices=DOMAINS + ("all",), help="synthetic domain(s) to train on")
     p.add_argument("--domain-weights", default="", metavar="D=N,...",
                    help="give domain D N times the samples of the others, e.g. multi_image=2")
+    p.add_argument("--qtype-weights", default="", metavar="D/Q=N,...",
+                   help="within domain D, give question type Q N times the samples, e.g. multi_image/which_image=3")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture when training from scratch")
     p.add_argument("--set", default="", metavar="K=V,...", help="override preset fields, e.g. layers=3,hidden=160")
     p.add_argument("--init", default=None, metavar="DIR", help="start from this checkpoint (any supported layout)")
@@ -220,30 +222,62 @@ def build_assets(args, assets):
 # ----------------------------------------------------------------------------------------- data
 class SyntheticStream:
     """Global sample index g → encoded synthetic sample. `cycle` is the repeating order of domains (a domain
-    listed twice gets twice the samples); the k-th sample of a domain has seed data.train_seed(seed, k)."""
+    listed twice gets twice the samples); the k-th sample of a domain has seed data.train_seed(seed, k), or,
+    for a domain whose question types are weighted (`qtype_cycles[domain]`, a repeating order of qtype
+    indices), the o-th seed >= data.train_seed(seed, 0) that tasks.make_sample turns into that question
+    type (the qtype is seed mod the number of types, so consecutive choices stay balanced in answers)."""
 
-    def __init__(self, cycle, seed, proc, image_size, num_frames):
+    def __init__(self, cycle, seed, proc, image_size, num_frames, qtype_cycles=None):
         self.cycle, self.seed, self.proc = list(cycle), seed, proc
+        self.qtype_cycles = qtype_cycles or {}
         self.opts = dict(image_size=image_size, num_frames=num_frames)
+
+    def sample_seed(self, d, k):
+        qc = self.qtype_cycles.get(d)
+        if not qc:
+            return data.train_seed(self.seed, k)
+        nq = len(tasks.QTYPES[d])
+        n, j = divmod(k, len(qc))
+        q = qc[j]
+        o = n * qc.count(q) + qc[:j].count(q)
+        base = data.train_seed(self.seed, 0)
+        seed = base - base % nq + nq * (o + 1) + q
+        assert seed < data.train_seed(self.seed + 1, 0)
+        return seed
 
     def __call__(self, g):
         n, j = divmod(g, len(self.cycle))
         d = self.cycle[j]
         k = n * self.cycle.count(d) + self.cycle[:j].count(d)
-        smp = tasks.make_sample(d, data.train_seed(self.seed, k), **self.opts)
+        smp = tasks.make_sample(d, self.sample_seed(d, k), **self.opts)
         return data.encode_sample(self.proc, smp)
+
+
+def _weights(spec, names, flag):
+    w = {n: 1 for n in names}
+    for kv in filter(None, spec.split(",")):
+        name, _, n = kv.partition("=")
+        if name not in w:
+            raise SystemExit(f"{flag}: {name!r} is not one of {', '.join(names)}")
+        w[name] = int(n)
+    return [name for rep in range(max(w.values())) for name in names if w[name] > rep]
 
 
 def domain_cycle(domain, weights):
     """The domain order of one cycle: "all" = every domain once, each repeated by --domain-weights."""
-    domains = DOMAINS if domain == "all" else (domain,)
-    w = {d: 1 for d in domains}
-    for kv in filter(None, weights.split(",")):
-        d, _, n = kv.partition("=")
-        if d not in w:
-            raise SystemExit(f"--domain-weights: {d!r} is not a trained domain ({', '.join(domains)})")
-        w[d] = int(n)
-    return [d for rep in range(max(w.values())) for d in domains if w[d] > rep]
+    return _weights(weights, DOMAINS if domain == "all" else (domain,), "--domain-weights")
+
+
+def qtype_cycles(spec):
+    """--qtype-weights "multi_image/which_image=3,..." → {domain: repeating order of qtype indices}."""
+    out = {}
+    for kv in filter(None, spec.split(",")):
+        d, _, rest = kv.partition("/")
+        if d not in tasks.QTYPES:
+            raise SystemExit(f"--qtype-weights: {kv!r} should read DOMAIN/QTYPE=N, DOMAIN one of {', '.join(DOMAINS)}")
+        out.setdefault(d, []).append(rest)
+    return {d: [tasks.QTYPES[d].index(q) for q in _weights(",".join(v), tasks.QTYPES[d], "--qtype-weights")]
+            for d, v in out.items()}
 
 
 class RecordStream:
@@ -441,7 +475,8 @@ def main(argv=None):
         ds = data.JsonDataset(args.data, args.image_root, proc, video_mode=args.video_mode)
         stream = RecordStream(ds, args.seed)
     else:
-        stream = SyntheticStream(domain_cycle(args.domain, args.domain_weights), args.seed, proc, cfg.vision.image_size, tasks.DEFAULTS["num_frames"])
+        stream = SyntheticStream(domain_cycle(args.domain, args.domain_weights), args.seed, proc,
+                                 cfg.vision.image_size, tasks.DEFAULTS["num_frames"], qtype_cycles(args.qtype_weights))
     step_fn = LossSum(model)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=args.data is not None)

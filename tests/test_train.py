@@ -43,6 +43,28 @@ def test_a_few_steps_lower_the_loss(tmp_path, domain):
     assert last < 0.7 * first, (domain, losses)
 
 
+def test_domain_and_qtype_weights_keep_seeds_distinct_balanced_and_in_the_training_range():
+    cycle = train.domain_cycle("all", "multi_image=3,video=2")
+    assert sorted(cycle) == sorted(["multi_image"] * 3 + ["video"] * 2 + ["3d", "multi_patch"])
+    stream = train.SyntheticStream(cycle, 0, None, 96, 4, train.qtype_cycles("multi_image/which_image=3"))
+    seen, per = set(), {}
+    for d in tasks.DOMAINS:
+        for k in range(600):
+            s = stream.sample_seed(d, k)
+            assert s >= data.TRAIN_SEED_BASE and (d, s) not in seen
+            seen.add((d, s))
+            q = tasks.QTYPES[d][s % len(tasks.QTYPES[d])]
+            per.setdefault(d, {}).setdefault(q, []).append(s)
+    mi = {q: len(v) for q, v in per["multi_image"].items()}
+    assert mi == {"spot_diff": 120, "which_image": 360, "count": 120}
+    for s_list in per["multi_image"].values():  # answers cycle evenly within each question type
+        answers = [(s // 3) % 3 for s in s_list[:300]]
+        assert len(set(answers)) == 3 and max(map(answers.count, set(answers))) - min(map(answers.count, set(answers))) <= 1
+    assert stream.sample_seed("video", 7) == data.train_seed(0, 7)  # unweighted domains: plain seeds
+    with pytest.raises(SystemExit):
+        train.qtype_cycles("video/nonsense=2")
+
+
 def test_checkpoint_layout_and_files(trained):
     names = set(os.listdir(trained))
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
