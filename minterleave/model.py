@@ -42,6 +42,7 @@ class Model(nn.Module):
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.decoder = Decoder(cfg.text)
         self.eos_token_ids = []  # filled from generation_config.json by from_pretrained
+        self.embedding_source = None  # where from_pretrained found the embedding matrix (weights.py)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
@@ -67,7 +68,7 @@ class Model(nn.Module):
 
     @property
     def device(self):
-        return self.decoder.embed_tokens.weight.device
+        return self.decoder.norm.weight.device
 
     def image_features(self, pixel_values):
         """(N, 3, S, S) -> (N, tokens_per_image, hidden): all images of a call in one batch."""
@@ -134,11 +135,11 @@ class Model(nn.Module):
         return logits, loss
 
     def prepare_for_inference(self):
-        """Inference-only speed-ups that keep results bit-identical: on a CPU in bf16, the decoder's
-        weights move to oneDNN's packed layout (packing.py). Training needs the plain layers, so
-        this is a separate, explicit step; returns self."""
+        """Inference-only speed-ups that keep results bit-identical, on a CPU (packing.py): bf16
+        weights move to oneDNN's packed layout, fp32 one-row products run on every thread. Training
+        needs the plain layers, so this is a separate, explicit step; returns self."""
         from .packing import pack_decoder
-        pack_decoder(self.decoder)
+        pack_decoder(self.decoder, self.embedding_source)
         return self.eval()
 
     @torch.no_grad()

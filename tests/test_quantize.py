@@ -59,3 +59,55 @@ def test_packed_bf16_decoder_is_bit_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(packed(ids, pixels), plain(ids, pixels))
     assert packed.generate(ids, pixels, max_new_tokens=8).tolist() == plain.generate(ids, pixels, max_new_tokens=8).tolist()
+
+
+def test_tied_bf16_head_is_packed_and_embedding_rows_come_from_the_file(tmp_path):
+    from minterleave.packing import FileEmbedding, PackedLinear, can_pack
+    hf = hf_model(seed=7, tied=True, kv_heads=2, image_size=28)
+    path = save_checkpoint(hf, str(tmp_path / "ckpt"))  # fp32 on disk: rows are converted on lookup
+    plain = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
+    if not can_pack(plain.decoder.norm.weight):
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    packed = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference()
+    assert isinstance(packed.decoder.lm_head, PackedLinear)
+    assert isinstance(packed.decoder.embed_tokens, FileEmbedding)  # the packed head is the only copy
+    ids, pixels = interleaved_prompt(hf, n_images=2)
+    with torch.no_grad():
+        assert torch.equal(packed(ids, pixels), plain(ids, pixels))
+    assert packed.generate(ids, pixels, max_new_tokens=8).tolist() == plain.generate(ids, pixels, max_new_tokens=8).tolist()
+
+    # an embedding changed in memory (fine-tuned after loading) no longer matches the file: keep it
+    edited = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        edited.decoder.embed_tokens.weight[3] += 1
+    edited.prepare_for_inference()
+    assert isinstance(edited.decoder.embed_tokens, torch.nn.Embedding) and edited.decoder.lm_head is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fp32_row_split_decoder_is_bit_identical(tmp_path, tied):
+    from minterleave.packing import RowSplitLinear
+    hf = hf_model(seed=8, tied=tied, kv_heads=2, image_size=28)
+    path = save_checkpoint(hf, str(tmp_path / "ckpt"))
+    plain = mi.Model.from_pretrained(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the split needs more than one thread to be used
+    try:
+        split = mi.Model.from_pretrained(path).prepare_for_inference()
+        assert isinstance(split.decoder.layers[0].self_attn.qkv_proj, RowSplitLinear)
+        assert isinstance(split.decoder.lm_head, RowSplitLinear)
+        if tied:  # the split head shares the embedding's tensor: no copy
+            assert split.decoder.lm_head.weight is split.decoder.embed_tokens.weight
+        ids, pixels = interleaved_prompt(hf, n_images=2)
+        assert split.generate(ids, pixels, max_new_tokens=8).tolist() == plain.generate(ids, pixels, max_new_tokens=8).tolist()
+        from minterleave.decoder import KVCache
+        caches = [KVCache(plain.cfg.text, 1, ids.shape[1] + 1, torch.float32, "cpu") for _ in range(2)]
+        with torch.no_grad():
+            for model, cache in zip((plain, split), caches):
+                model(ids, pixels, cache=cache)
+            step = [model(ids[:, -1:], cache=cache) for model, cache in zip((plain, split), caches)]
+        assert torch.equal(*step)  # one-row products: the split path, bit for bit
+        for layer in split.decoder.layers:  # small matrices still split into 64-row panels
+            assert all(a % 64 == 0 for a, _ in layer.mlp.gate_up_proj.blocks)
+    finally:
+        torch.set_num_threads(threads)
