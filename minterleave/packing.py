@@ -1,4 +1,4 @@
-"""Decoder weights laid out for fast decoding on a CPU (inference only, results bit-identical).
+"""Decoder weights laid out for fast decoding on a CPU (inference only).
 
 A decode step multiplies one activation row by every decoder matrix, so its speed is memory
 bandwidth: how fast each weight byte can be streamed through the cores. Two cases:
@@ -6,10 +6,10 @@ bandwidth: how fast each weight byte can be streamed through the cores. Two case
   the CPUs we measured; the same product with the weight reordered once into oneDNN's blocked
   layout reaches about twice that, bit-identically (the same kernel family, fed a layout it does
   not have to convert). `PackedLinear`.
-- fp32: MKL runs a one-row product on a single thread. Splitting the output rows into one block
-  per thread and running the blocks concurrently uses every core; each output element is still
-  the same dot product, so the results are bit-identical (oneDNN's packed fp32 kernels are not:
-  they round differently from F.linear, which would cost exact parity). `RowSplitLinear`.
+- fp32: F.linear's one-row product (a dot product per output, weight (out, in)) streams at
+  ~17 GB/s here whatever the thread count; with the weight stored transposed, (in, out), MKL
+  streams it at ~30 GB/s. Not bit-identical: the sums run in another order (~1e-6 relative),
+  so greedy tokens are what tests and bench.py compare in fp32. `TransposedLinear`.
 A tied head is the embedding matrix itself. Packing it would need a second, plain copy for the
 embedding lookup (311 MB in the 0.5B model), so when the checkpoint file still holds exactly the
 embedding in memory (checked when packing), the lookup reads its few rows from that file
@@ -18,12 +18,10 @@ instead (`FileEmbedding`) and the packed head holds the only copy in memory.
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def can_pack(weight):
@@ -44,41 +42,22 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-_pool = {}  # threads -> ThreadPoolExecutor, shared by every RowSplitLinear
+class TransposedLinear(nn.Module):
+    """fp32 F.linear with the weight stored transposed, (in, out). For one activation row, MKL's
+    product then streams the matrix row after row into a small output vector: ~30 GB/s here,
+    against ~17 GB/s for the (out, in) dot-product form F.linear uses. The sums run in another
+    order, so results differ from F.linear in the last bits (~1e-6 relative)."""
 
-
-class RowSplitLinear(nn.Module):
-    """F.linear whose one-row products run as `threads` concurrent blocks of output rows."""
-
-    def __init__(self, weight, bias=None, threads=2):
+    def __init__(self, weight, bias=None):
         super().__init__()
-        self.weight, self.bias = weight, bias  # the same tensors (a tied head shares the embedding)
-        n = weight.shape[0]
-        per_thread = -(-n // threads)
-        step = -(-per_thread // 64) * 64  # blocks of whole 64-row panels
-        self.blocks = [(a, min(a + step, n)) for a in range(0, n, step)]
-        if threads not in _pool:
-            _pool[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="minterleave-rows")
-        self.pool = _pool[threads]
-
-    @torch.no_grad()  # grad mode is per thread: the pool's threads need it too
-    def _block(self, x, out, a, b):
-        w = self.weight[a:b]  # (b - a, K) rows: a contiguous view
-        if self.bias is None:
-            torch.mm(x, w.t(), out=out[:, a:b])
-        else:
-            torch.addmm(self.bias[a:b], x, w.t(), out=out[:, a:b])
+        self.out_features = weight.shape[0]
+        self.register_buffer("weight_t", weight.detach().t().contiguous())  # (in, out)
+        self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x):
-        if x.numel() != x.shape[-1] or torch.is_grad_enabled():  # prefill (MKL threads it well) or training
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(1, -1)
-        out = torch.empty(1, self.weight.shape[0], dtype=x.dtype)  # (1, N): each block a contiguous slice
-        jobs = [self.pool.submit(self._block, x2, out, a, b) for a, b in self.blocks[1:]]
-        self._block(x2, out, *self.blocks[0])  # this thread takes the first block (ATen frees the GIL)
-        for job in jobs:
-            job.result()
-        return out.view(*x.shape[:-1], -1)
+        x2 = x.reshape(-1, x.shape[-1])  # (B*T, in)
+        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class FileEmbedding(nn.Module):
@@ -136,25 +115,21 @@ def pack_decoder(decoder, embedding_source=None):
     records it), so that a tied bf16 head can be packed too."""
     w = decoder.norm.weight
     packed = can_pack(w)
-    threads = torch.get_num_threads()
     if packed:
         make = PackedLinear
-    elif w.device.type == "cpu" and w.dtype == torch.float32 and threads > 1:
-        make = lambda weight, bias: RowSplitLinear(weight, bias, threads)  # noqa: E731
+    elif w.device.type == "cpu" and w.dtype == torch.float32:
+        make = TransposedLinear
     else:
         return 0
     n = 0
     for parent, name in _linears(decoder):
         lin = getattr(parent, name)
         if isinstance(lin, nn.Linear):
-            setattr(parent, name, make(lin.weight, lin.bias))
+            setattr(parent, name, make(lin.weight, lin.bias))  # the plain weight is freed with `lin`
             n += 1
     tied = decoder.lm_head is None and isinstance(decoder.embed_tokens, nn.Embedding)
     if isinstance(decoder.lm_head, nn.Linear):
         decoder.lm_head = make(decoder.lm_head.weight, None)
-        n += 1
-    elif tied and not packed:  # fp32: the split head shares the embedding's tensor
-        decoder.lm_head = make(decoder.embed_tokens.weight, None)
         n += 1
     elif tied and embedding_source is not None and file_holds(embedding_source, decoder.embed_tokens.weight):
         decoder.lm_head = make(decoder.embed_tokens.weight, None)

@@ -232,4 +232,7 @@ def save_weights(model, path: str, cfg: ModelConfig):
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file private (0600); give it the usual mode
     os.replace(tmp, os.path.join(path, "model.safetensors"))
