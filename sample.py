@@ -68,7 +68,7 @@ def main(argv=None):
     if args.quantize == "int8":
         from minterleave.quantize import quantize_int8
         quantize_int8(model)
-    model.prepare_for_inference()  # CPU decode layouts: packed bf16, transposed fp32 (packing.py)
+    model.prepare_for_inference()  # packed decoder weights for CPU decoding (packing.py)
     proc = mi.Processor.from_pretrained(args.model)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed)

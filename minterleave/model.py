@@ -135,10 +135,9 @@ class Model(nn.Module):
         return logits, loss
 
     def prepare_for_inference(self):
-        """Inference-only decode speed-ups on a CPU (packing.py): bf16 weights move to oneDNN's packed
-        layout (bit-identical); fp32 weights are stored transposed (same greedy tokens, logits within
-        ~1e-6 relative). Training needs the plain layers, so this is a separate, explicit step;
-        returns self."""
+        """Inference-only decode speed-ups on a CPU (packing.py): the decoder's weights move to
+        oneDNN's packed layout (bf16: bit-identical; fp32: same greedy tokens, logits within ~1e-6
+        relative). Training needs the plain layers, so this is a separate, explicit step; returns self."""
         from .packing import pack_decoder
         pack_decoder(self.decoder, self.embedding_source)
         return self.eval()

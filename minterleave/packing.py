@@ -1,19 +1,17 @@
-"""Decoder weights laid out for fast decoding on a CPU (inference only).
+"""Decoder weights in oneDNN's packed layout, for fast decoding on a CPU (inference only).
 
 A decode step multiplies one activation row by every decoder matrix, so its speed is memory
-bandwidth: how fast each weight byte can be streamed through the cores. Two cases:
-- bf16: torch's default path for a matrix-vector product reaches about half the bandwidth on
-  the CPUs we measured; the same product with the weight reordered once into oneDNN's blocked
-  layout reaches about twice that, bit-identically (the same kernel family, fed a layout it does
-  not have to convert). `PackedLinear`.
-- fp32: F.linear's one-row product (a dot product per output, weight (out, in)) streams at
-  ~17 GB/s here whatever the thread count; with the weight stored transposed, (in, out), MKL
-  streams it at ~30 GB/s. Not bit-identical: the sums run in another order (~1e-6 relative),
-  so greedy tokens are what tests and bench.py compare in fp32. `TransposedLinear`.
+bandwidth: how fast each weight byte can be streamed through the cores. torch's default path for
+such a matrix-vector product streams ~17 GB/s (fp32) on the machine we measured, and bf16 about
+half of what it could; with each weight reordered once into oneDNN's blocked layout for a batch
+of one, the same products stream at 40-50 GB/s in fp32 on two threads and about twice as fast
+in bf16. bf16 results are bit-identical to F.linear (the same kernel family, fed a layout it does
+not have to convert); fp32 ones differ in the last bits (~1e-6 relative: the sums run in another
+order), so in fp32 tests and bench.py compare greedy tokens. `PackedLinear`.
 A tied head is the embedding matrix itself. Packing it would need a second, plain copy for the
-embedding lookup (311 MB in the 0.5B model), so when the checkpoint file still holds exactly the
-embedding in memory (checked when packing), the lookup reads its few rows from that file
-instead (`FileEmbedding`) and the packed head holds the only copy in memory.
+embedding lookup (311 MB in bf16 for the 0.5B model), so when the checkpoint file still holds
+exactly the embedding in memory (checked when packing), the lookup reads its few rows from that
+file instead (`FileEmbedding`) and the packed head holds the only copy in memory.
 `Model.prepare_for_inference()` swaps the layers; nothing else needs to know.
 """
 
@@ -26,7 +24,8 @@ import torch.nn as nn
 
 def can_pack(weight):
     ops = getattr(torch.ops, "mkldnn", None)
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available()
             and ops is not None and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
@@ -40,24 +39,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-class TransposedLinear(nn.Module):
-    """fp32 F.linear with the weight stored transposed, (in, out). For one activation row, MKL's
-    product then streams the matrix row after row into a small output vector: ~30 GB/s here,
-    against ~17 GB/s for the (out, in) dot-product form F.linear uses. The sums run in another
-    order, so results differ from F.linear in the last bits (~1e-6 relative)."""
-
-    def __init__(self, weight, bias=None):
-        super().__init__()
-        self.out_features = weight.shape[0]
-        self.register_buffer("weight_t", weight.detach().t().contiguous())  # (in, out)
-        self.register_buffer("bias", None if bias is None else bias.detach())
-
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])  # (B*T, in)
-        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
-        return y.view(*x.shape[:-1], self.out_features)
 
 
 class FileEmbedding(nn.Module):
@@ -109,30 +90,25 @@ def _linears(decoder):
 
 @torch.no_grad()
 def pack_decoder(decoder, embedding_source=None):
-    """Swap the decoder's linear layers for the decode-friendly ones above, in place; returns how many.
+    """Swap the decoder's linear layers for packed ones, in place; returns how many.
 
     embedding_source: where the embedding matrix lies in the checkpoint file (weights.load_weights
-    records it), so that a tied bf16 head can be packed too."""
+    records it), so that a tied head can be packed too."""
     w = decoder.norm.weight
-    packed = can_pack(w)
-    if packed:
-        make = PackedLinear
-    elif w.device.type == "cpu" and w.dtype == torch.float32:
-        make = TransposedLinear
-    else:
+    if not can_pack(w):
         return 0
     n = 0
     for parent, name in _linears(decoder):
         lin = getattr(parent, name)
         if isinstance(lin, nn.Linear):
-            setattr(parent, name, make(lin.weight, lin.bias))  # the plain weight is freed with `lin`
+            setattr(parent, name, PackedLinear(lin.weight, lin.bias))  # the plain weight is freed with `lin`
             n += 1
     tied = decoder.lm_head is None and isinstance(decoder.embed_tokens, nn.Embedding)
     if isinstance(decoder.lm_head, nn.Linear):
-        decoder.lm_head = make(decoder.lm_head.weight, None)
+        decoder.lm_head = PackedLinear(decoder.lm_head.weight, None)
         n += 1
     elif tied and embedding_source is not None and file_holds(embedding_source, decoder.embed_tokens.weight):
-        decoder.lm_head = make(decoder.embed_tokens.weight, None)
+        decoder.lm_head = PackedLinear(decoder.embed_tokens.weight, None)
         decoder.embed_tokens = FileEmbedding(embedding_source, w.dtype)  # frees the plain matrix
         n += 1
     return n
