@@ -201,6 +201,8 @@ def test_accuracy_table_in_weights_readme_is_what_eval_measures():
     import eval as evaluate
     with open(os.path.join(os.path.dirname(BUNDLED), "README.md")) as f:
         readme = f.read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        main_readme = f.read()
     m = re.search(r"python eval\.py --model weights/minterleave-tiny --domain all --n (\d+) --seed (\d+)", readme)
     assert m, "weights/README.md should give the eval command of its table"
     n, seed = int(m.group(1)), int(m.group(2))
@@ -208,6 +210,9 @@ def test_accuracy_table_in_weights_readme_is_what_eval_measures():
     table = {names[r[0]]: (float(r[1]), float(r[2]))
              for r in re.findall(r"^\| (multi-image|video|3D|multi-patch) \| ([\d.]+) \| ([\d.]+) \|", readme, re.M)}
     assert set(table) == set(tasks.DOMAINS), table
+    main_table = {names[r[0]]: (float(r[1]), float(r[2])) for r in
+                  re.findall(r"^\| (multi-image|video|3D|multi-patch) \| ([\d.]+) \| ([\d.]+) \|", main_readme, re.M)}
+    assert main_table == table, "README.md and weights/README.md disagree on the bundled model's accuracy"
     model = mi.Model.from_pretrained(BUNDLED)
     proc = mi.Processor.from_pretrained(BUNDLED)
     for d in tasks.DOMAINS:
