@@ -12,7 +12,7 @@ image size: the k-th training sample of a domain has seed data.train_seed(--seed
 (eval.py, sample.py's demo) uses seeds < 1e9, so the two never meet. --domain all cycles multi_image, video,
 3d, multi_patch (--domain-weights repeats some). With --data, an M4-Instruct-style JSON (minterleave/data.py),
 reshuffled each epoch from --seed. The batches of step s are a pure function of (seed, s), so --workers,
---resume and DDP all see the same samples.
+--resume and DDP all see the same samples (minterleave/streams.py).
 
 Loss: cross-entropy on the assistant answers and their <|im_end|> only (data.py), averaged over every
 supervised token of the global batch (all micro-batches, all ranks), so gradient accumulation and DDP give
@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minterleave as mi
-from minterleave import data, tasks
+from minterleave import data, streams, tasks
 from minterleave.config import ModelConfig, TextConfig, VisionConfig, to_llava_hf_dict
 from minterleave.tokenizer import write_tokenizer_files
 from minterleave.weights import save_weights
@@ -112,7 +112,13 @@ def parse_args(argv=None):
     p.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: make batches in the loop)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # check the weight specs now, before anything is loaded
+        streams.domain_cycle(args.domain, args.domain_weights)
+        streams.qtype_cycles(args.qtype_weights)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -217,110 +223,6 @@ def build_assets(args, assets):
     model = mi.Model(cfg)
     init_weights(model, pos_scale=p["pos_scale"])
     return cfg, model
-
-
-# ----------------------------------------------------------------------------------------- data
-class SyntheticStream:
-    """Global sample index g → encoded synthetic sample. `cycle` is the repeating order of domains (a domain
-    listed twice gets twice the samples); the k-th sample of a domain has seed data.train_seed(seed, k), or,
-    for a domain whose question types are weighted (`qtype_cycles[domain]`, a repeating order of qtype
-    indices), the o-th seed >= data.train_seed(seed, 0) that tasks.make_sample turns into that question
-    type (the qtype is seed mod the number of types, so consecutive choices stay balanced in answers)."""
-
-    def __init__(self, cycle, seed, proc, image_size, num_frames, qtype_cycles=None):
-        self.cycle, self.seed, self.proc = list(cycle), seed, proc
-        self.qtype_cycles = qtype_cycles or {}
-        self.opts = dict(image_size=image_size, num_frames=num_frames)
-
-    def sample_seed(self, d, k):
-        qc = self.qtype_cycles.get(d)
-        if not qc:
-            return data.train_seed(self.seed, k)
-        nq = len(tasks.QTYPES[d])
-        n, j = divmod(k, len(qc))
-        q = qc[j]
-        o = n * qc.count(q) + qc[:j].count(q)
-        base = data.train_seed(self.seed, 0)
-        seed = base - base % nq + nq * (o + 1) + q
-        assert seed < data.train_seed(self.seed + 1, 0)
-        return seed
-
-    def __call__(self, g):
-        n, j = divmod(g, len(self.cycle))
-        d = self.cycle[j]
-        k = n * self.cycle.count(d) + self.cycle[:j].count(d)
-        smp = tasks.make_sample(d, self.sample_seed(d, k), **self.opts)
-        return data.encode_sample(self.proc, smp)
-
-
-def _weights(spec, names, flag):
-    w = {n: 1 for n in names}
-    for kv in filter(None, spec.split(",")):
-        name, _, n = kv.partition("=")
-        if name not in w:
-            raise SystemExit(f"{flag}: {name!r} is not one of {', '.join(names)}")
-        w[name] = int(n)
-    return [name for rep in range(max(w.values())) for name in names if w[name] > rep]
-
-
-def domain_cycle(domain, weights):
-    """The domain order of one cycle: "all" = every domain once, each repeated by --domain-weights."""
-    return _weights(weights, DOMAINS if domain == "all" else (domain,), "--domain-weights")
-
-
-def qtype_cycles(spec):
-    """--qtype-weights "multi_image/which_image=3,..." → {domain: repeating order of qtype indices}."""
-    out = {}
-    for kv in filter(None, spec.split(",")):
-        d, _, rest = kv.partition("/")
-        if d not in tasks.QTYPES:
-            raise SystemExit(f"--qtype-weights: {kv!r} should read DOMAIN/QTYPE=N, DOMAIN one of {', '.join(DOMAINS)}")
-        out.setdefault(d, []).append(rest)
-    return {d: [tasks.QTYPES[d].index(q) for q in _weights(",".join(v), tasks.QTYPES[d], "--qtype-weights")]
-            for d, v in out.items()}
-
-
-class RecordStream:
-    """Global sample index g → record perm_e[g mod N] of a JSON dataset, perm_e a permutation per epoch e."""
-
-    def __init__(self, dataset, seed):
-        self.ds, self.seed, self.perm, self.epoch = dataset, seed, None, None
-
-    def __call__(self, g):
-        n = len(self.ds)
-        e = g // n
-        if e != self.epoch:
-            self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + e)).tolist()
-            self.epoch = e
-        return self.ds[self.perm[g % n]]
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item i = the micro-batches of optimizer step start_step + i (for DataLoader workers; deterministic,
-    so any number of workers gives the same batches)."""
-
-    def __init__(self, stream, offset, args, rank, world, pad_id, n_steps, global_batch):
-        self.a = (stream, offset, args, rank, world, pad_id)
-        self.n, self.G = n_steps, global_batch
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        stream, offset, args, rank, world, pad_id = self.a
-        return micro_batches(stream, offset + i * self.G, args, rank, world, pad_id)
-
-
-def micro_batches(stream, offset, args, rank, world, pad_id):
-    """The micro-batches of one optimizer step for this rank. Micro m of rank r holds global samples
-    offset + (m * world + r) * B + [0, B): the same samples, in the same micro-batch grouping, as one
-    process with batch world * B."""
-    B = args.batch_size
-    out = []
-    for m in range(args.grad_accum):
-        start = offset + (m * world + rank) * B
-        out.append(data.collate([stream(g) for g in range(start, start + B)], pad_id))
-    return out
 
 
 # ----------------------------------------------------------------------------------------- loss
@@ -473,10 +375,11 @@ def main(argv=None):
 
     if args.data:
         ds = data.JsonDataset(args.data, args.image_root, proc, video_mode=args.video_mode)
-        stream = RecordStream(ds, args.seed)
+        stream = streams.RecordStream(ds, args.seed)
     else:
-        stream = SyntheticStream(domain_cycle(args.domain, args.domain_weights), args.seed, proc,
-                                 cfg.vision.image_size, tasks.DEFAULTS["num_frames"], qtype_cycles(args.qtype_weights))
+        stream = streams.SyntheticStream(streams.domain_cycle(args.domain, args.domain_weights), args.seed, proc,
+                                         cfg.vision.image_size, tasks.DEFAULTS["num_frames"],
+                                         streams.qtype_cycles(args.qtype_weights))
     step_fn = LossSum(model)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=args.data is not None)
@@ -489,7 +392,8 @@ def main(argv=None):
               f"text {cfg.text.num_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}, "
               f"{cfg.tokens_per_image} tokens/image; {world} process(es), global batch {G}; "
               f"steps {start_step}->{args.max_steps}", flush=True)
-    steps = StepBatches(stream, offset, args, rank, world, proc.pad_token_id, max(0, args.max_steps - start_step), G)
+    steps = streams.StepBatches(stream, offset, args.batch_size, args.grad_accum, rank, world, proc.pad_token_id,
+                                max(0, args.max_steps - start_step))
     loader = iter(torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=args.workers,
                                               prefetch_factor=4 if args.workers else None))
     t0, tokens_seen, done, stop = time.time(), 0, start_step, False

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minterleave as mi
-from minterleave import data, tasks
+from minterleave import data, streams, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,9 +44,9 @@ def test_a_few_steps_lower_the_loss(tmp_path, domain):
 
 
 def test_domain_and_qtype_weights_keep_seeds_distinct_balanced_and_in_the_training_range():
-    cycle = train.domain_cycle("all", "multi_image=3,video=2")
+    cycle = streams.domain_cycle("all", "multi_image=3,video=2")
     assert sorted(cycle) == sorted(["multi_image"] * 3 + ["video"] * 2 + ["3d", "multi_patch"])
-    stream = train.SyntheticStream(cycle, 0, None, 96, 4, train.qtype_cycles("multi_image/which_image=3"))
+    stream = streams.SyntheticStream(cycle, 0, None, 96, 4, streams.qtype_cycles("multi_image/which_image=3"))
     seen, per = set(), {}
     for d in tasks.DOMAINS:
         for k in range(600):
@@ -61,8 +61,10 @@ def test_domain_and_qtype_weights_keep_seeds_distinct_balanced_and_in_the_traini
         answers = [(s // 3) % 3 for s in s_list[:300]]
         assert len(set(answers)) == 3 and max(map(answers.count, set(answers))) - min(map(answers.count, set(answers))) <= 1
     assert stream.sample_seed("video", 7) == data.train_seed(0, 7)  # unweighted domains: plain seeds
-    with pytest.raises(SystemExit):
-        train.qtype_cycles("video/nonsense=2")
+    with pytest.raises(ValueError, match="nonsense"):
+        streams.qtype_cycles("video/nonsense=2")
+    with pytest.raises(SystemExit):  # train.py refuses it before loading anything
+        train.parse_args(["--qtype-weights", "video/nonsense=2"])
 
 
 def test_checkpoint_layout_and_files(trained):
