@@ -15,8 +15,6 @@ file instead (`FileEmbedding`) and the packed head holds the only copy in memory
 `Model.prepare_for_inference()` swaps the layers; nothing else needs to know.
 """
 
-import os
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -48,8 +46,8 @@ class FileEmbedding(nn.Module):
     def __init__(self, source, dtype):
         super().__init__()
         self.file, offset, self.file_dtype, shape = source["file"], source["offset"], source["dtype"], source["shape"]
-        row_bytes = shape[1] * torch.empty((), dtype=self.file_dtype).element_size()
-        self.rows = np.memmap(self.file, dtype=np.uint8, mode="r", offset=offset, shape=(shape[0], row_bytes))
+        self.rows = np.memmap(self.file, dtype=np.uint8, mode="r", offset=offset,
+                              shape=(shape[0], shape[1] * self.file_dtype.itemsize))
         self.dtype = dtype
 
     def forward(self, ids):
@@ -61,20 +59,18 @@ class FileEmbedding(nn.Module):
 def file_holds(source, weight, chunk_rows=8192):
     """Whether the file still holds exactly `weight` (after the loader's dtype conversion): checked
     chunk by chunk with plain reads, so that the check adds no resident pages."""
+    if tuple(source["shape"]) != tuple(weight.shape):
+        return False
+    buf = torch.empty(chunk_rows, weight.shape[1], dtype=source["dtype"])
+    raw = buf.view(torch.uint8).numpy()  # (chunk_rows, row bytes): buf's own memory
     try:
-        if (os.stat(source["file"]).st_size, os.stat(source["file"]).st_mtime_ns) != source["stamp"]:
-            return False
-        if tuple(source["shape"]) != tuple(weight.shape):
-            return False
-        buf = torch.empty(chunk_rows, weight.shape[1], dtype=source["dtype"])
-        raw = buf.view(torch.uint8).numpy()
-        row_bytes = raw.shape[1]
         with open(source["file"], "rb") as f:
             f.seek(source["offset"])
             for a in range(0, weight.shape[0], chunk_rows):
                 n = min(chunk_rows, weight.shape[0] - a)
-                if f.readinto(raw[:n].reshape(-1)) != n * row_bytes or \
-                        not torch.equal(buf[:n].to(weight.dtype), weight[a:a + n]):
+                if f.readinto(raw[:n].reshape(-1)) != raw[:n].nbytes:
+                    return False
+                if not torch.equal(buf[:n].to(weight.dtype), weight[a:a + n]):
                     return False
     except OSError:
         return False

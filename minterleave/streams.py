@@ -96,15 +96,15 @@ class StepBatches(torch.utils.data.Dataset):
     so any number of workers gives the same batches)."""
 
     def __init__(self, stream, offset, batch_size, grad_accum, rank, world, pad_id, n_steps):
-        self.a = (stream, offset, batch_size, grad_accum, rank, world, pad_id)
-        self.n, self.G = n_steps, batch_size * grad_accum * world
+        self.stream, self.offset, self.n = stream, offset, n_steps
+        self.step_size = batch_size * grad_accum * world  # global samples per optimizer step
+        self.split = dict(batch_size=batch_size, grad_accum=grad_accum, rank=rank, world=world, pad_id=pad_id)
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        stream, offset, batch_size, grad_accum, rank, world, pad_id = self.a
-        return micro_batches(stream, offset + i * self.G, batch_size, grad_accum, rank, world, pad_id)
+        return micro_batches(self.stream, self.offset + i * self.step_size, **self.split)
 
 
 def micro_batches(stream, offset, batch_size, grad_accum, rank, world, pad_id):

@@ -209,14 +209,11 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
             with open(file, "rb") as f:
                 for ck, target in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
                     read_into(f, start, header[ck], target)
-    # where the embedding matrix lies on disk: lets packing.py pack a tied head and read the
-    # embedding's rows from the file instead of keeping a second copy in memory
-    ck = next(ck for ck, (ours, _) in names.items() if ours == "decoder.embed_tokens.weight")
-    start, header = read_header(where[ck])
-    st = os.stat(where[ck])
-    model.embedding_source = dict(file=where[ck], offset=start + header[ck]["data_offsets"][0],
-                                  dtype=DTYPES[header[ck]["dtype"]], shape=tuple(header[ck]["shape"]),
-                                  stamp=(st.st_size, st.st_mtime_ns))
+                    if names[ck][0] == "decoder.embed_tokens.weight":
+                        # where the embedding lies on disk: lets packing.py pack a tied head and read
+                        # the embedding's rows from the file instead of keeping a second copy in memory
+                        model.embedding_source = dict(file=file, offset=start + header[ck]["data_offsets"][0],
+                                                      dtype=DTYPES[header[ck]["dtype"]], shape=tuple(header[ck]["shape"]))
     return layout
 
 
