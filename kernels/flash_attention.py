@@ -60,6 +60,35 @@ if triton is None:
     INTERPRET = _MIXED = False
 else:
     @triton.jit
+    def _fwd_step(q, K, V, acc, l_i, m_i, start_n, offs_m, offs_n, offs_d, d_ok, skt, skd, svt, svd,
+                  Tk, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+        # one key block of the online softmax. Only MASKED blocks (those that straddle the
+        # causal diagonal or the end of the keys) pay for the masking arithmetic.
+        cols = start_n + offs_n
+        kv_mask = d_ok
+        if MASKED:
+            kv_mask = kv_mask & (cols[:, None] < Tk)
+        k = tl.load(K + cols[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # scores in log2 units, (BLOCK_M, BLOCK_N)
+        if MASKED:  # out-of-range and future keys get -inf
+            keep = cols[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # new running max
+        m_use = m_new
+        if MASKED:
+            # a row with no visible key so far keeps m = -inf: use a finite stand-in to
+            # avoid (-inf) - (-inf) = NaN (its p and alpha are then 0)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)      # rescales the old l and acc to the new max
+        p = tl.math.exp2(s - m_use[:, None])   # unnormalised probabilities of this block
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   sob, soh, sot, sod, Hq, GROUP, Tq, Tk, D, qk_scale,
                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -81,29 +110,19 @@ else:
         l_i = tl.zeros([BLOCK_M], tl.float32)                # running denominator
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)       # running numerator @ V
         diag = Tk - Tq  # bottom-right causal: row i sees keys j <= i + diag
+        # keys [0, full) are visible to every row of this block: no masks. Keys [full, hi)
+        # need them; beyond hi every key is in the future of every row: skipped.
+        full = Tk // BLOCK_N * BLOCK_N
         hi = Tk
-        if CAUSAL:  # skip key blocks entirely above the diagonal of this query block
+        if CAUSAL:
+            full = tl.minimum(full, tl.maximum(0, pid_m * BLOCK_M + diag + 1) // BLOCK_N * BLOCK_N)
             hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + diag)
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols[:, None] < Tk) & d_ok
-            k = tl.load(K + cols[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(V + cols[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            # scores in log2 units; out-of-range / future keys get -inf
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            keep = cols[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(keep, s, float("-inf"))
-            # new running max; a row with no visible key so far keeps m = -inf, so use a
-            # finite stand-in to avoid (-inf) - (-inf) = NaN (its p and alpha are then 0)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)      # rescales the old l and acc to the new max
-            p = tl.math.exp2(s - m_use[:, None])   # unnormalised probabilities of this block
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        for start_n in range(0, full, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(q, K, V, acc, l_i, m_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                      skt, skd, svt, svd, Tk, diag, qk_scale, False, CAUSAL)
+        for start_n in range(full, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(q, K, V, acc, l_i, m_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                      skt, skd, svt, svd, Tk, diag, qk_scale, True, CAUSAL)
         # normalise; rows that saw no key: l = 0 -> output 0 and lse = +inf (so P = 0 later)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -131,6 +150,33 @@ else:
         tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
     @triton.jit
+    def _dkdv_step(Qh, DOh, LSEh, DELTAh, k, v, dk, dv, start_m, offs_m, offs_n, offs_d, d_ok,
+                   sqt, sqd, sdt, sdd, Tq, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+        # one query block's contribution to this key block's dK, dV. Keys past Tk need no
+        # mask here: their k, v rows are 0 and their dK, dV rows are never stored.
+        rows = start_m + offs_m
+        q_mask = d_ok
+        if MASKED:
+            q_mask = q_mask & (rows[:, None] < Tq)
+        q = tl.load(Qh + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(DOh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        if MASKED:  # rows past Tq: lse = +inf makes their P exactly 0
+            lse = tl.load(LSEh + rows, mask=rows < Tq, other=float("inf"))
+            delta = tl.load(DELTAh + rows, mask=rows < Tq, other=0.0)
+        else:
+            lse = tl.load(LSEh + rows)
+            delta = tl.load(DELTAh + rows)
+        # transposed tiles (keys x queries): P^T = exp2(S^T - lse)
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        if MASKED and CAUSAL:
+            pT = tl.where(offs_n[:, None] <= rows[None, :] + diag, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)                    # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do))                        # dP^T = V dO^T
+        dsT = pT * (dpT - delta[None, :])                    # dS = P * (dP - delta)
+        dk += tl.dot(dsT.to(q.dtype), q)                     # dK += dS^T Q
+        return dk, dv
+
+    @triton.jit
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
                        svb, svh, svt, svd, sdb, sdh, sdt, sdd, Hq, Hkv, GROUP, Tq, Tk, D,
                        scale, qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -149,35 +195,56 @@ else:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         diag = Tk - Tq
+        # query blocks: [lo, mid) straddle the diagonal (masked); [mid, full) see every key of
+        # this block (no masks); [full, Tq) is the ragged tail (masked). Rows before lo see none.
         lo = 0
-        if CAUSAL:  # query rows i < start_n - diag see none of these keys: start past them
+        mid = 0
+        if CAUSAL:
             lo = tl.maximum(0, pid_n * BLOCK_N - diag) // BLOCK_M * BLOCK_M
+            mid = (tl.maximum(0, pid_n * BLOCK_N + BLOCK_N - 1 - diag) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full = Tq // BLOCK_M * BLOCK_M
         for g in range(GROUP):  # all query heads sharing this kv head: sum their dK, dV
             h = kvh * GROUP + g
             Qh = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
             DOh = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
             row0 = (b * Hq + h).to(tl.int64) * Tq
-            for start_m in range(lo, Tq, BLOCK_M):
-                rows = start_m + offs_m
-                q_mask = (rows[:, None] < Tq) & d_ok
-                q = tl.load(Qh + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-                do = tl.load(DOh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-                lse = tl.load(LSE + row0 + rows, mask=rows < Tq, other=float("inf"))
-                delta = tl.load(DELTA + row0 + rows, mask=rows < Tq, other=0.0)
-                # work with transposed tiles (keys x queries): P^T = exp2(S^T - lse)
-                pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-                keep = (rows[None, :] < Tq) & (offs_n[:, None] < Tk)
-                if CAUSAL:
-                    keep = keep & (offs_n[:, None] <= rows[None, :] + diag)
-                pT = tl.where(keep, pT, 0.0)
-                dv += tl.dot(pT.to(do.dtype), do)                    # dV += P^T dO
-                dpT = tl.dot(v, tl.trans(do))                        # dP^T = V dO^T
-                dsT = pT * (dpT - delta[None, :])                    # dS = P * (dP - delta)
-                dk += tl.dot(dsT.to(q.dtype), q)                     # dK += dS^T Q
+            for start_m in range(lo, tl.minimum(mid, Tq), BLOCK_M):
+                dk, dv = _dkdv_step(Qh, DOh, LSE + row0, DELTA + row0, k, v, dk, dv, start_m, offs_m,
+                                    offs_n, offs_d, d_ok, sqt, sqd, sdt, sdd, Tq, diag, qk_scale,
+                                    True, CAUSAL)
+            for start_m in range(mid, full, BLOCK_M):
+                dk, dv = _dkdv_step(Qh, DOh, LSE + row0, DELTA + row0, k, v, dk, dv, start_m, offs_m,
+                                    offs_n, offs_d, d_ok, sqt, sqd, sdt, sdd, Tq, diag, qk_scale,
+                                    False, CAUSAL)
+            for start_m in range(tl.maximum(mid, full), Tq, BLOCK_M):
+                dk, dv = _dkdv_step(Qh, DOh, LSE + row0, DELTA + row0, k, v, dk, dv, start_m, offs_m,
+                                    offs_n, offs_d, d_ok, sqt, sqd, sdt, sdd, Tq, diag, qk_scale,
+                                    True, CAUSAL)
         dk = dk * scale
         base = (b * Hkv + kvh).to(tl.int64) * Tk * D  # DK, DV are freshly allocated, contiguous
         tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _dq_step(q, do, lse, delta, K, V, dq, start_n, offs_m, offs_n, offs_d, d_ok, skt, skd,
+                 svt, svd, Tk, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+        # one key block's contribution to this query block's dQ
+        cols = start_n + offs_n
+        kv_mask = d_ok
+        if MASKED:
+            kv_mask = kv_mask & (cols[:, None] < Tk)
+        k = tl.load(K + cols[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # recomputed P
+        if MASKED:
+            keep = cols[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))                 # dP = dO V^T
+        ds = p * (dp - delta[:, None])               # dS = P * (dP - delta)
+        dq += tl.dot(ds.to(k.dtype), k)              # dQ += dS K
+        return dq
 
     @triton.jit
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
@@ -196,28 +263,24 @@ else:
                     + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
         do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt
                      + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        # rows past Tq, and rows that see no key, have lse = +inf: their P is exactly 0
         lse = tl.load(LSE + pid_bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
         K += b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
         V += b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         diag = Tk - Tq
+        full = Tk // BLOCK_N * BLOCK_N  # as in the forward: [0, full) unmasked, [full, hi) masked
         hi = Tk
         if CAUSAL:
+            full = tl.minimum(full, tl.maximum(0, pid_m * BLOCK_M + diag + 1) // BLOCK_N * BLOCK_N)
             hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + diag)
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols[:, None] < Tk) & d_ok
-            k = tl.load(K + cols[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(V + cols[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # recomputed P
-            keep = (cols[None, :] < Tk) & (offs_m[:, None] < Tq)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, tl.trans(v))                 # dP = dO V^T
-            ds = p * (dp - delta[:, None])               # dS = P * (dP - delta)
-            dq += tl.dot(ds.to(k.dtype), k)              # dQ += dS K
+        for start_n in range(0, full, BLOCK_N):
+            dq = _dq_step(q, do, lse, delta, K, V, dq, start_n, offs_m, offs_n, offs_d, d_ok,
+                          skt, skd, svt, svd, Tk, diag, qk_scale, False, CAUSAL)
+        for start_n in range(full, hi, BLOCK_N):
+            dq = _dq_step(q, do, lse, delta, K, V, dq, start_n, offs_m, offs_n, offs_d, d_ok,
+                          skt, skd, svt, svd, Tk, diag, qk_scale, True, CAUSAL)
         dq = dq * scale
         tl.store(DQ + pid_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -229,12 +292,20 @@ else:
     _MIXED = INTERPRET and isinstance(tl.zeros, triton.runtime.JITFunction)
 
 
-def _config(D):
-    """(fwd BLOCK_M, BLOCK_N), (dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N), num_warps, num_stages."""
-    if INTERPRET:  # numpy on CPU: small tiles keep the per-program work (and tests) quick
-        return (16, 16), (16, 16), (16, 16), 1, 1
-    big = D > 64
-    return (128, 64), (32, 64 if big else 128), (64 if big else 128, 32), 8 if big else 4, 2 if big else 3
+# Launch settings per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), by padded head dim.
+# Measured on an H200 with `python -m kernels.tune_attention` (README, "The Triton kernel").
+CONFIGS = {
+    64: {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3)},
+    128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+}
+INTERPRET_CONFIG = (16, 16, 1, 1)  # numpy on CPU: small tiles keep each program (and the tests) quick
+
+
+def _config(kernel, block_d):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel 'fwd', 'dkdv' or 'dq'."""
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return CONFIGS[max(64, block_d)][kernel]
 
 
 def _strides(x):
@@ -247,7 +318,7 @@ class _FlashAttention(torch.autograd.Function):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         BLOCK_D = max(16, triton.next_power_of_2(D))
-        (BM, BN), _, _, warps, stages = _config(D)
+        BM, BN, warps, stages = _config("fwd", BLOCK_D)
         o = torch.empty(B, Hq, Tq, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, Hq, Tq, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(Tq, BM), B * Hq)
@@ -264,7 +335,8 @@ class _FlashAttention(torch.autograd.Function):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         BLOCK_D = max(16, triton.next_power_of_2(D))
-        _, (BM1, BN1), (BM2, BN2), warps, stages = _config(D)
+        BM1, BN1, warps1, stages1 = _config("dkdv", BLOCK_D)
+        BM2, BN2, warps2, stages2 = _config("dq", BLOCK_D)
         qk_scale = ctx.scale * math.log2(math.e)
         delta = torch.empty_like(lse)
         _attn_bwd_preprocess[(triton.cdiv(Tq, 64), B * Hq)](
@@ -276,11 +348,11 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_dkdv[(triton.cdiv(Tk, BN1), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, *common, Hq, Hkv, Hq // Hkv, Tq, Tk, D, ctx.scale,
             qk_scale, CAUSAL=ctx.causal, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BLOCK_D,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps1, num_stages=stages1)
         _attn_bwd_dq[(triton.cdiv(Tq, BM2), B * Hq)](
             q, k, v, do, lse, delta, dq, *common, Hq, Hq // Hkv, Tq, Tk, D, ctx.scale, qk_scale,
             CAUSAL=ctx.causal, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BLOCK_D,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps2, num_stages=stages2)
         return dq, dk, dv, None, None
 
 
