@@ -292,20 +292,26 @@ else:
     _MIXED = INTERPRET and isinstance(tl.zeros, triton.runtime.JITFunction)
 
 
-# Launch settings per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), by padded head dim.
-# Measured on an H200 with `python -m kernels.tune_attention` (README, "The Triton kernel").
+# Launch settings per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), by padded head dim,
+# for fp16/bf16, measured on an H200 with `python -m kernels.tune_attention` (README, "The Triton
+# kernel"). fp32 tiles take twice the shared memory: at head dim 128 the tuned ones would need
+# 458 KB (the H200 has 227 KB per block), so fp32 gets smaller ones there (they fit; not tuned).
 CONFIGS = {
-    64: {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3)},
-    128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+    64: {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)},
+    128: {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 32, 4, 3)},
 }
+CONFIGS_FP32 = {128: {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}}
 INTERPRET_CONFIG = (16, 16, 1, 1)  # numpy on CPU: small tiles keep each program (and the tests) quick
 
 
-def _config(kernel, block_d):
+def _config(kernel, block_d, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel 'fwd', 'dkdv' or 'dq'."""
     if INTERPRET:
         return INTERPRET_CONFIG
-    return CONFIGS[max(64, block_d)][kernel]
+    block_d = max(64, block_d)
+    if dtype == torch.float32 and block_d in CONFIGS_FP32:
+        return CONFIGS_FP32[block_d][kernel]
+    return CONFIGS[block_d][kernel]
 
 
 def _strides(x):
@@ -318,7 +324,7 @@ class _FlashAttention(torch.autograd.Function):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         BLOCK_D = max(16, triton.next_power_of_2(D))
-        BM, BN, warps, stages = _config("fwd", BLOCK_D)
+        BM, BN, warps, stages = _config("fwd", BLOCK_D, q.dtype)
         o = torch.empty(B, Hq, Tq, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, Hq, Tq, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(Tq, BM), B * Hq)
@@ -335,8 +341,8 @@ class _FlashAttention(torch.autograd.Function):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         BLOCK_D = max(16, triton.next_power_of_2(D))
-        BM1, BN1, warps1, stages1 = _config("dkdv", BLOCK_D)
-        BM2, BN2, warps2, stages2 = _config("dq", BLOCK_D)
+        BM1, BN1, warps1, stages1 = _config("dkdv", BLOCK_D, q.dtype)
+        BM2, BN2, warps2, stages2 = _config("dq", BLOCK_D, q.dtype)
         qk_scale = ctx.scale * math.log2(math.e)
         delta = torch.empty_like(lse)
         _attn_bwd_preprocess[(triton.cdiv(Tq, 64), B * Hq)](

@@ -53,7 +53,7 @@ def main(argv=None):
         return 1
     if fa.INTERPRET:  # the interpreter ignores CONFIGS; route them through it for the smoke run
         fa.INTERPRET_CONFIG = None
-        fa._config = lambda kernel, block_d: fa.INTERPRET_CONFIG or fa.CONFIGS[max(64, block_d)][kernel]
+        fa._config = lambda kernel, block_d, dtype: fa.INTERPRET_CONFIG or fa.CONFIGS[max(64, block_d)][kernel]
 
     t0, results = time.time(), []
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU interpreter"

@@ -97,6 +97,16 @@ def test_strided_inputs_and_scale():
 
 
 @cpu_only
+@pytest.mark.parametrize("tiles", [(32, 16, 1, 1), (16, 32, 1, 1)])
+def test_unequal_tiles(monkeypatch, tiles):
+    # GPU settings have BLOCK_M != BLOCK_N: the split into masked and unmasked blocks must hold
+    monkeypatch.setattr(fa, "INTERPRET_CONFIG", tiles)
+    for case in [(1, 4, 2, 70, 70, 24, True), (1, 2, 1, 33, 97, 40, True), (1, 2, 2, 70, 40, 24, True),
+                 (1, 2, 2, 45, 45, 24, False)]:
+        check(*make(*case[:6]), causal=case[6])
+
+
+@cpu_only
 def test_half_precision_interpreter():
     # fp16 runs in the kernel; bf16 is upcast to fp32 under the interpreter (no bf16 there)
     for dtype in (torch.float16, torch.bfloat16):
@@ -149,3 +159,11 @@ def test_gpu_vs_sdpa(B, Hq, Hkv, Tq, Tk, D, causal, dtype):
         err = (a.float() - r).abs().max().item()
         base_err = (b.float() - r).abs().max().item()
         assert err <= 2 * base_err + 1e-3, f"{name}: max abs err {err}, SDPA {dtype} {base_err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or fa.INTERPRET, reason="needs CUDA")
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,causal", [(2, 4, 4, 300, 300, 72, False), (1, 4, 2, 200, 260, 128, True)])
+def test_gpu_fp32(B, Hq, Hkv, Tq, Tk, D, causal):
+    """fp32 inputs use their own (smaller) tiles: they must fit in shared memory and be right."""
+    check(*make(B, Hq, Hkv, Tq, Tk, D, device="cuda"), causal=causal, atol=2e-2)  # tl.dot: tf32
