@@ -56,3 +56,21 @@ def test_token_cost_table_matches_the_processor_arithmetic():
     fit = 32768 // per_image
     assert f"{fit} images or frames ({fit * per_image:,} tokens), leaving {32768 - fit * per_image}" in README
     assert re.search(rf"{3 * per_image:,} to {5 * per_image:,}", README)
+
+
+def test_gpu_table_matches_the_recorded_run():
+    """The README's kernel table is the bf16 benchmark recorded in kernels/gpu_runs (no hand-copied drift)."""
+    run = os.path.join(ROOT, "kernels", "gpu_runs", "2026-11-30-tuned")
+    with open(os.path.join(run, "bench_bf16.md")) as f:
+        bench = [line.split("|")[1:-1] for line in f if re.match(r"\| [^|]+\| \d+x", line)]
+    section = README.split("## Attention backends and the Triton kernel")[1].split("\n## ")[0]
+    table = [line.split("|")[1:-1] for line in section.splitlines() if re.match(r"\| [^|]+\| \d+x", line)]
+    assert len(bench) == len(table) == 6
+    for b, t in zip(bench, table):
+        assert b[1].strip() == t[1].strip() and b[3].strip() == t[3].strip(), (b, t)  # shape, pass
+        assert [float(x) for x in b[4:6]] == [float(x) for x in t[4:6]], (b, t)  # ms, SDPA ms
+        assert [round(float(x)) for x in b[6:8]] == [int(x) for x in t[6:8]], (b, t)  # TFLOP/s
+        assert f"{float(b[8]):.2f}" == t[8].strip(), (b, t)  # speed ratio
+    with open(os.path.join(run, "gpu_tests.log")) as f:
+        passed = f.read().split(" passed")[0].split()[-1]
+    assert f"the {passed} GPU tests pass" in section
