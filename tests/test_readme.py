@@ -74,3 +74,12 @@ def test_gpu_table_matches_the_recorded_run():
     with open(os.path.join(run, "gpu_tests.log")) as f:
         passed = f.read().split(" passed")[0].split()[-1]
     assert f"the {passed} GPU tests pass" in section
+    # tutorial 04 repeats the table (ours ms, SDPA ms, ours TFLOP/s, ratio)
+    import json
+    with open(os.path.join(ROOT, "tutorials", "04_flash_attention.ipynb"), encoding="utf-8") as f:
+        text = "".join("".join(c["source"]) for c in json.load(f)["cells"] if c["cell_type"] == "markdown")
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if re.match(r"\| [^|]+\| \d+x", line)]
+    assert len(rows) == 6
+    for b, t in zip(bench, rows):
+        assert [float(x) for x in t[4:6]] == [float(x) for x in b[4:6]], (b, t)
+        assert int(t[6]) == round(float(b[6])) and t[7].strip() == f"{float(b[8]):.2f}", (b, t)
