@@ -64,3 +64,16 @@ def test_bench_attention_forwards_to_the_kernel_benchmark():
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "--interpret" in run.stdout  # kernels/bench_attention.py's own options
+
+
+def test_tune_attention_interpreter_smoke(tmp_path):
+    """The tuner's sweep logic runs on a CPU (tiny shape, two candidates per kernel, interpreter)."""
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "kernels.tune_attention", "--interpret", "--repeats", "1",
+                          "--json", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(out.read_text())
+    assert {r["kernel"] for r in results} == {"fwd", "dkdv", "dq"}
+    assert all(r["ok"] and positive(r["ms"]) for r in results)  # every candidate agrees with the current one
+    assert "suggested CONFIGS" in run.stdout
