@@ -151,7 +151,7 @@ INTERPRET_CONFIG = (16, 16, 1, 1)  # numpy on CPU: small tiles keep each program
 
 def _config(kernel, block_d, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel 'fwd', 'dkdv' or 'dq'."""
-    if INTERPRET:
+    if INTERPRET and INTERPRET_CONFIG:  # (tune_attention.py --interpret clears it to try CONFIGS)
         return INTERPRET_CONFIG
     block_d = max(64, block_d)
     if dtype == torch.float32 and block_d in CONFIGS_FP32:
