@@ -5,8 +5,8 @@
     tasks.write_dataset("out/train.json", "all", 4000, seed=0, out_dir="out")
 
 Built to train a tiny LLaVA (64 px images, 9 vision patches each) on a CPU: big flat shapes in four
-colours on a plain background, one-word answers, few fixed question templates. The answer is only derivable
-from the pixels; every question template is seen with every answer. Sample seed s fixes everything:
+colours on a plain background, one-word answers, few fixed question templates. The answer is only
+derivable from the pixels; every question template is seen with every answer. Sample seed s fixes everything:
 question type = s mod (number of types), answer = (s // number of types) mod (number of answers),
 so consecutive seeds are exactly balanced; the rest is drawn from `random.Random(f"{domain}:{s}")`.
 """
