@@ -91,6 +91,13 @@ def _draw(size, items):
     return render_2d(size, [(it["shape"], it["colour"], it["x"], it["y"], it["r"]) for it in items])
 
 
+def grid_scene(rng, size, max_items=4):
+    """One multi-image-style scene with its labels: (image, {cell: (colour, shape)}). Cell k of the 3x3
+    grid is exactly patch k when the patch is a third of the image (train.py --patch-words uses this)."""
+    items = [_grid_item(rng, size, c) for c in rng.sample(range(9), rng.randint(1, max_items))]
+    return _draw(size, items), {it["cell"]: (it["colour"], it["shape"]) for it in items}
+
+
 # --------------------------------------------------------------------------------- multi-image
 def _multi_image(rng, qtype, ans, size, num_images, **_):
     if qtype == "spot_diff":

@@ -149,18 +149,22 @@ def _free_port():
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
+    # --patch-words too: its scenes are split over the processes like the batch, not drawn per process
     common = ["--preset", "test", "--domain", "all", "--max-steps", "3", "--log-every", "1", "--warmup", "1",
-              "--lr", "3e-3", "--seed", "5", "--threads", "1"]
+              "--lr", "3e-3", "--seed", "5", "--threads", "1", "--patch-words", "0.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train.main(common + ["--batch-size", "4", "--out", one])
+    train.main(common + ["--batch-size", "4", "--patch-words-images", "6", "--out", one])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), os.path.join(ROOT, "train.py")] + common + ["--batch-size", "2", "--out", two]
+           str(_free_port()), os.path.join(ROOT, "train.py")] + common + ["--batch-size", "2", "--patch-words-images",
+                                                                          "3", "--out", two]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 process(es), global batch 4" in r.stdout
     a, b = [x["loss"] for x in log(one)], [x["loss"] for x in log(two)]
     assert len(a) == len(b) == 3
+    pa, pb = [x["patch_loss"] for x in log(one)], [x["patch_loss"] for x in log(two)]
+    assert max(abs(x - y) for x, y in zip(pa, pb)) < 1e-4, (pa, pb)
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
     ma, mb = mi.Model.from_pretrained(one), mi.Model.from_pretrained(two)
