@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import random
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -206,6 +207,15 @@ def test_question_text_does_not_give_answer(domain):
         acc = np.mean([fit[bare(s.question)].most_common(1)[0][0] == s.answer
                        for s in test if bare(s.question) in fit])
         assert acc < tasks.CHANCE[domain, qtype] + 0.15, (qtype, acc)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_grid_scene_labels_are_what_the_pixels_show(size):
+    """train.py --patch-words trains each patch on these labels: they must be the drawn shapes."""
+    for k in range(30):
+        img, cells = tasks.grid_scene(random.Random(k), size)
+        assert img.size == (size, size) and 1 <= len(cells) <= 4
+        assert grid_scene(img) == cells, k
 
 
 def test_3d_count_needs_several_views():

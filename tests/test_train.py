@@ -43,6 +43,18 @@ def test_a_few_steps_lower_the_loss(tmp_path, domain):
     assert last < 0.7 * first, (domain, losses)
 
 
+def test_patch_words_loss_goes_down_and_needs_a_3x3_grid(tmp_path):
+    out = str(tmp_path / "pw")
+    train.main(FAST + ["--domain", "video", "--max-steps", "25", "--out", out, "--seed", "1", "--patch-words", "1"])
+    patch = [r["patch_loss"] for r in log(out)]
+    assert len(patch) == 25
+    # two words per cell, so the floor is ln 2 (0.69); it starts near ln(vocab) = 6.4
+    assert sum(patch[-3:]) / 3 < 0.5 * sum(patch[:3]) / 3, patch
+    with pytest.raises(SystemExit, match="3x3"):
+        train.main(FAST + ["--set", "patch_size=16", "--max-steps", "1", "--out", str(tmp_path / "x"),
+                           "--patch-words", "1"])
+
+
 def test_domain_and_qtype_weights_keep_seeds_distinct_balanced_and_in_the_training_range():
     cycle = streams.domain_cycle("all", "multi_image=3,video=2")
     assert sorted(cycle) == sorted(["multi_image"] * 3 + ["video"] * 2 + ["3d", "multi_patch"])
