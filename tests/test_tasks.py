@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import random
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -24,8 +25,8 @@ def samples(domain):
 
 
 def bare(question):
-    """The question without its image placeholders / labels."""
-    return question.split("\n")[-1].split("<image> ")[-1]
+    """The question without its image placeholders / labels (which come before or after it)."""
+    return " ".join(re.sub(r"(?:(?:Image|Frame|View)(?: \d+)?: )?<image>", " ", question).split())
 
 
 # ------------------------------------------------------------------ pixel oracles (no text, no info)
@@ -156,6 +157,10 @@ def test_sample_shape(domain):
         assert s.domain == domain and s.qtype in tasks.QTYPES[domain]
         assert s.answer in s.choices and s.chance == tasks.CHANCE[domain, s.qtype]
         assert s.question.count("<image>") == len(s.images)
+        # both placements; which-image asks first, everything else after its images
+        first = s.question.startswith(bare(s.question))
+        assert first == (s.qtype in tasks.QUESTION_FIRST) and s.question.endswith("<image>") == first
+        assert s.placement == ("front" if "\n" in s.question else "interleaved")
         if domain == "multi_patch":
             assert len(s.images) == 1 and s.images[0].size == (128, 128)
         else:
