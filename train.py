@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -95,6 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100, help="warmup steps (linear from 0)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--patch-words", type=float, default=0.0, metavar="W",
+                   help="weight of an extra loss that makes each patch feature of fresh grid scenes predict the "
+                        "words for its colour and shape (synthetic tasks; 0: off)")
+    p.add_argument("--patch-words-images", type=int, default=16,
+                   help="scenes per micro-batch per process for --patch-words")
     p.add_argument("--attn", default=None, choices=mi.attention.BACKENDS, help="attention backend (default: auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (bfloat16: autocast; weights and optimizer stay float32)")
@@ -234,8 +240,16 @@ class LossSum(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, attention_mask=None, pixel_values=None):
+    def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, patch_pixels=None,
+                patch_targets=None):
         m = self.model
+        patch_loss = None
+        if patch_pixels is not None:  # --patch-words: (N, P, 2) targets, the colour and shape word per patch
+            f = m.image_features(patch_pixels)                          # (N, P, C)
+            logp = F.log_softmax(m.decoder.logits(m.decoder.norm(f)).float(), dim=-1)  # (N, P, vocab)
+            has = patch_targets[..., 0] != data.IGNORE_INDEX            # (N, P) cells with a shape
+            both = logp[has].gather(1, patch_targets[has])              # (n, 2)
+            patch_loss = -both.sum() / 2  # per cell: the mean over its two words
         h = m.embed(input_ids, pixel_values)
         B, T = input_ids.shape
         if attention_mask is None or bool(attention_mask.all()):
@@ -246,7 +260,21 @@ class LossSum(nn.Module):
         target = labels[:, 1:]
         sel = target != data.IGNORE_INDEX
         logits = m.decoder.logits(h[:, :-1][sel]).float()
-        return F.cross_entropy(logits, target[sel], reduction="sum")
+        loss_sum = F.cross_entropy(logits, target[sel], reduction="sum")
+        return loss_sum if patch_loss is None else (loss_sum, patch_loss)
+
+
+def patch_word_batch(proc, seeds, size, word_ids):
+    """--patch-words: one labelled grid scene per seed, as (pixels (n, 3, S, S), targets (n, 9, 2)) with the
+    token ids of each occupied cell's colour and shape words (-100 for empty cells). A scene depends on its
+    seed only, so any split of a step's seeds over processes and micro-batches trains on the same scenes."""
+    pix, tgt = [], torch.full((len(seeds), 9, 2), data.IGNORE_INDEX, dtype=torch.long)
+    for i, seed in enumerate(seeds):
+        img, cells = tasks.grid_scene(random.Random(seed), size)
+        pix.append(torch.from_numpy(proc.image_pixels(img)))
+        for cell, (colour, shape) in cells.items():
+            tgt[i, cell] = torch.tensor([word_ids[colour], word_ids[shape]])
+    return torch.stack(pix), tgt
 
 
 def lr_at(step, args):
@@ -385,6 +413,16 @@ def main(argv=None):
         step_fn = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=args.data is not None)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                 else contextlib.nullcontext())
+    word_ids = None
+    if args.patch_words:
+        if cfg.tokens_per_image != 9 or cfg.vision.image_size != 3 * cfg.vision.patch_size:
+            raise SystemExit("--patch-words needs 3x3 patches per image (image_size = 3 * patch_size)")
+        word_ids = {}
+        for w in tasks.COLOURS + tasks.SHAPES:
+            ids = proc.encode(" " + w)
+            if len(ids) != 1:
+                raise SystemExit(f"--patch-words: the tokenizer splits {w!r} into {len(ids)} tokens")
+            word_ids[w] = ids[0]
     G = args.batch_size * args.grad_accum * world
     n_params = sum(p.numel() for p in model.parameters())
     if master:
@@ -405,20 +443,37 @@ def main(argv=None):
         n_sup = torch.tensor(float(sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)),
                              device=device)
         n_tok = torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches)), device=device)
+        patch, n_cells = [None] * len(batches), torch.ones((), device=device)
+        if word_ids is not None:  # scene k of this step, whichever process and micro-batch draws it
+            n = args.patch_words_images
+            patch = [patch_word_batch(proc, [f"{args.seed}-{step}-{(m * world + rank) * n + i}" for i in range(n)],
+                                      cfg.vision.image_size, word_ids) for m in range(len(batches))]
+            n_cells = torch.tensor(float(sum(int((t[..., 0] != data.IGNORE_INDEX).sum()) for _, t in patch)),
+                                   device=device)
         if world > 1:
             dist.all_reduce(n_sup)
             dist.all_reduce(n_tok)
-        total = torch.zeros((), device=device)
+            dist.all_reduce(n_cells)
+        total, patch_total = torch.zeros((), device=device), torch.zeros((), device=device)
         for m, b in enumerate(batches):
             sync = contextlib.nullcontext() if world == 1 or m == len(batches) - 1 else step_fn.no_sync()
             with sync:
                 with autocast:
-                    loss_sum = step_fn(b["input_ids"], b["labels"], b["attention_mask"], b.get("pixel_values"))
+                    if word_ids is None:
+                        loss_sum = step_fn(b["input_ids"], b["labels"], b["attention_mask"], b.get("pixel_values"))
+                        extra = 0.0
+                    else:
+                        pp, pt = patch[m]
+                        loss_sum, patch_sum = step_fn(b["input_ids"], b["labels"], b["attention_mask"],
+                                                      b.get("pixel_values"), pp.to(device), pt.to(device))
+                        extra = args.patch_words * patch_sum * (world / n_cells)
+                        patch_total += patch_sum.detach()
                 # DDP averages gradients over ranks: scale by world so the result is the global mean
-                (loss_sum * (world / n_sup)).backward()
+                (loss_sum * (world / n_sup) + extra).backward()
             total += loss_sum.detach()
         if world > 1:
             dist.all_reduce(total)
+            dist.all_reduce(patch_total)
         loss = float(total / n_sup)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -433,7 +488,11 @@ def main(argv=None):
             eta = el / (done - start_step) * (args.max_steps - done)
             rec = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(el, 1),
                    "samples": offset}
-            print(f"step {done:6d} | loss {loss:.4f} | lr {lr:.2e} | {tps:7.0f} tok/s | "
+            words = ""
+            if word_ids is not None:
+                rec["patch_loss"] = float(patch_total / n_cells)
+                words = f"patch words {rec['patch_loss']:.3f} | "
+            print(f"step {done:6d} | loss {loss:.4f} | {words}lr {lr:.2e} | {tps:7.0f} tok/s | "
                   f"elapsed {el / 60:5.1f} min | ETA {eta / 60:5.1f} min", flush=True)
             _append_log(out, rec)
         if args.eval_every and done % args.eval_every == 0 and done < args.max_steps and master:

@@ -29,6 +29,10 @@ QTYPES = {"multi_image": ("spot_diff", "which_image", "count"),
           "video": ("direction", "appear", "order"),
           "3d": ("count", "left_right", "nearest"),
           "multi_patch": ("quadrant", "mark_colour")}
+# Question types asked before their images. A causal decoder reads each image token with the question
+# already in view, so an image can be matched against "a red square" where it is read; asked after the
+# images, the one answering position has to bring colour and shape together itself (weights/README.md).
+QUESTION_FIRST = ("which_image",)
 DEFAULTS = {"num_images": 3, "num_frames": 4, "num_views": 3, "mark": "dots"}
 
 
@@ -89,6 +93,13 @@ def _grid_item(rng, size, cell, shape=None, colour=None):
 
 def _draw(size, items):
     return render_2d(size, [(it["shape"], it["colour"], it["x"], it["y"], it["r"]) for it in items])
+
+
+def grid_scene(rng, size, max_items=4):
+    """One multi-image-style scene with its labels: (image, {cell: (colour, shape)}). Cell k of the 3x3
+    grid is exactly patch k when the patch is a third of the image (train.py --patch-words uses this)."""
+    items = [_grid_item(rng, size, c) for c in rng.sample(range(9), rng.randint(1, max_items))]
+    return _draw(size, items), {it["cell"]: (it["colour"], it["shape"]) for it in items}
 
 
 # --------------------------------------------------------------------------------- multi-image
@@ -322,6 +333,8 @@ def make_sample(domain, seed, image_size=64, placement=None, **opts):
             text = " ".join(f"{_LABEL[domain]} {i + 1}: <image>" for i in range(n)) + " " + q
     else:
         raise ValueError(placement)
+    if qtype in QUESTION_FIRST:  # same images and words, the question moved in front of the images
+        text = q + (" " if placement == "interleaved" else "\n") + text[:-len(q) - 1]
     return Sample(images, text, ans, list(ch), chance(domain, qtype, o["num_images"]), qtype, domain,
                   placement, info)
 

@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import random
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -23,8 +25,8 @@ def samples(domain):
 
 
 def bare(question):
-    """The question without its image placeholders / labels."""
-    return question.split("\n")[-1].split("<image> ")[-1]
+    """The question without its image placeholders / labels (which come before or after it)."""
+    return " ".join(re.sub(r"(?:(?:Image|Frame|View)(?: \d+)?: )?<image>", " ", question).split())
 
 
 # ------------------------------------------------------------------ pixel oracles (no text, no info)
@@ -155,6 +157,10 @@ def test_sample_shape(domain):
         assert s.domain == domain and s.qtype in tasks.QTYPES[domain]
         assert s.answer in s.choices and s.chance == tasks.CHANCE[domain, s.qtype]
         assert s.question.count("<image>") == len(s.images)
+        # both placements; which-image asks first, everything else after its images
+        first = s.question.startswith(bare(s.question))
+        assert first == (s.qtype in tasks.QUESTION_FIRST) and s.question.endswith("<image>") == first
+        assert s.placement == ("front" if "\n" in s.question else "interleaved")
         if domain == "multi_patch":
             assert len(s.images) == 1 and s.images[0].size == (128, 128)
         else:
@@ -206,6 +212,15 @@ def test_question_text_does_not_give_answer(domain):
         acc = np.mean([fit[bare(s.question)].most_common(1)[0][0] == s.answer
                        for s in test if bare(s.question) in fit])
         assert acc < tasks.CHANCE[domain, qtype] + 0.15, (qtype, acc)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_grid_scene_labels_are_what_the_pixels_show(size):
+    """train.py --patch-words trains each patch on these labels: they must be the drawn shapes."""
+    for k in range(30):
+        img, cells = tasks.grid_scene(random.Random(k), size)
+        assert img.size == (size, size) and 1 <= len(cells) <= 4
+        assert grid_scene(img) == cells, k
 
 
 def test_3d_count_needs_several_views():

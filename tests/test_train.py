@@ -43,6 +43,18 @@ def test_a_few_steps_lower_the_loss(tmp_path, domain):
     assert last < 0.7 * first, (domain, losses)
 
 
+def test_patch_words_loss_goes_down_and_needs_a_3x3_grid(tmp_path):
+    out = str(tmp_path / "pw")
+    train.main(FAST + ["--domain", "video", "--max-steps", "25", "--out", out, "--seed", "1", "--patch-words", "1"])
+    patch = [r["patch_loss"] for r in log(out)]
+    assert len(patch) == 25
+    # two words per cell, so the floor is ln 2 (0.69); it starts near ln(vocab) = 6.4
+    assert sum(patch[-3:]) / 3 < 0.5 * sum(patch[:3]) / 3, patch
+    with pytest.raises(SystemExit, match="3x3"):
+        train.main(FAST + ["--set", "patch_size=16", "--max-steps", "1", "--out", str(tmp_path / "x"),
+                           "--patch-words", "1"])
+
+
 def test_domain_and_qtype_weights_keep_seeds_distinct_balanced_and_in_the_training_range():
     cycle = streams.domain_cycle("all", "multi_image=3,video=2")
     assert sorted(cycle) == sorted(["multi_image"] * 3 + ["video"] * 2 + ["3d", "multi_patch"])
@@ -149,18 +161,22 @@ def _free_port():
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
+    # --patch-words too: its scenes are split over the processes like the batch, not drawn per process
     common = ["--preset", "test", "--domain", "all", "--max-steps", "3", "--log-every", "1", "--warmup", "1",
-              "--lr", "3e-3", "--seed", "5", "--threads", "1"]
+              "--lr", "3e-3", "--seed", "5", "--threads", "1", "--patch-words", "0.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train.main(common + ["--batch-size", "4", "--out", one])
+    train.main(common + ["--batch-size", "4", "--patch-words-images", "6", "--out", one])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), os.path.join(ROOT, "train.py")] + common + ["--batch-size", "2", "--out", two]
+           str(_free_port()), os.path.join(ROOT, "train.py")] + common + ["--batch-size", "2", "--patch-words-images",
+                                                                          "3", "--out", two]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 process(es), global batch 4" in r.stdout
     a, b = [x["loss"] for x in log(one)], [x["loss"] for x in log(two)]
     assert len(a) == len(b) == 3
+    pa, pb = [x["patch_loss"] for x in log(one)], [x["patch_loss"] for x in log(two)]
+    assert max(abs(x - y) for x, y in zip(pa, pb)) < 1e-4, (pa, pb)
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
     ma, mb = mi.Model.from_pretrained(one), mi.Model.from_pretrained(two)
