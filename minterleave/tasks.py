@@ -325,16 +325,13 @@ def make_sample(domain, seed, image_size=64, placement=None, **opts):
     placement = placement or rng.choice(("front", "interleaved"))
     n = len(images)
     if placement == "front":
-        text = "<image>" * n + "\n" + q
+        shown, sep = "<image>" * n, "\n"
     elif placement == "interleaved":
-        if n == 1:
-            text = f"{_LABEL[domain]}: <image> {q}"
-        else:
-            text = " ".join(f"{_LABEL[domain]} {i + 1}: <image>" for i in range(n)) + " " + q
+        shown, sep = (f"{_LABEL[domain]}: <image>" if n == 1 else
+                      " ".join(f"{_LABEL[domain]} {i + 1}: <image>" for i in range(n))), " "
     else:
         raise ValueError(placement)
-    if qtype in QUESTION_FIRST:  # same images and words, the question moved in front of the images
-        text = q + (" " if placement == "interleaved" else "\n") + text[:-len(q) - 1]
+    text = q + sep + shown if qtype in QUESTION_FIRST else shown + sep + q
     return Sample(images, text, ans, list(ch), chance(domain, qtype, o["num_images"]), qtype, domain,
                   placement, info)
 
