@@ -4,7 +4,7 @@ One function, `attend`, serves the SigLIP tower (bidirectional) and the Qwen2 de
 grouped-query, possibly with a KV cache so that q_len < kv_len). Backends:
 - "naive":  the math written out (scores, mask, softmax in fp32, weighted sum): the reference;
 - "sdpa":   torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU and GPU);
-- "triton": the hand-written FlashAttention-2 kernel in kernels/flash_attention.py.
+- "triton": the hand-written FlashAttention-2 kernel in kernels/flash_attention.py (installed as minterleave.kernels).
 The default (no backend chosen) is triton on CUDA and sdpa elsewhere, except that CPU decode
 steps (one query) use `single_query_attention`, which is faster there.
 `set_backend` switches all of them at once; tests use it to compare backends on the same inputs.
@@ -30,10 +30,6 @@ def set_backend(name):
     _backend = name
 
 
-def get_backend():
-    return _backend
-
-
 @contextlib.contextmanager
 def use_backend(name):
     """`with use_backend("naive"): ...` runs the block with that backend, then restores the old one."""
@@ -47,7 +43,7 @@ def use_backend(name):
 
 def _triton_usable(q):
     try:
-        from kernels import flash_attention
+        from .kernels import flash_attention
     except ImportError:
         return False
     return flash_attention.is_available() and (q.is_cuda or q.device.type == "cpu")
@@ -106,7 +102,7 @@ def attend(q, k, v, causal=False, mask=None, scale=None):
     if backend == "naive":
         return naive_attention(q, k, v, causal, mask, scale)
     if backend == "triton" and mask is None:  # the kernel knows causal masks, not padding masks
-        from kernels.flash_attention import flash_attention
+        from .kernels.flash_attention import flash_attention
         return flash_attention(q, k, v, causal=causal, scale=scale)
     if mask is not None and causal:
         mask = mask & causal_mask(q.shape[2], k.shape[2], q.device)

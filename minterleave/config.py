@@ -8,12 +8,64 @@ Two config.json dialects describe the same architecture:
 
 Fields that a config.json leaves out take the defaults transformers gives them (Qwen2Config,
 SiglipVisionConfig, LlavaConfig), so a file means the same model here as there.
-Reference: ../shared/reference/checkpoints.md §1, §2.4.
+The facts the rest of the code reads from here, derived once: `tokens_per_image` (what one image costs
+in the sequence), `special_tokens` (the ids that end generation and pad a batch), `DEFAULT_NUM_FRAMES`
+and `IGNORE_INDEX`. docs/checkpoint-layouts.md describes both dialects field by field.
 """
 
 import json
 import os
 from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100  # label of a token that is not supervised (transformers' and PyTorch's convention)
+DEFAULT_NUM_FRAMES = 16  # frames sampled from a video when neither the call nor the checkpoint says
+
+
+def read_json(file):
+    """The parsed JSON file, or None when it does not exist."""
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file}: cannot read JSON ({e})") from None
+
+
+def tokens_per_image(image_size, patch_size, num_additional_image_tokens=0, feature_select="full"):
+    """Sequence positions one image fills: its (S // patch)^2 patches, plus any extra slots the tower
+    emits (a CLS token: `num_additional_image_tokens`), minus one when the "default" feature strategy
+    drops the first slot. transformers' LlavaProcessor counts the same way; 729 for the official models."""
+    n = (image_size // patch_size) ** 2 + int(num_additional_image_tokens)
+    return n - 1 if feature_select == "default" else n
+
+
+def special_tokens(path):
+    """{"eos": [ids that end generation], "pad": padding id or None} of a checkpoint folder:
+    generation_config.json's eos_token_id, else tokenizer_config.json's (or special_tokens_map.json's)
+    eos_token; the pad token from the same two files. Token strings are looked up among tokenizer.json's
+    added tokens. Model (generate's default stop) and Processor both read this."""
+    gen = read_json(os.path.join(path, "generation_config.json")) or {}
+    tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
+    smap = read_json(os.path.join(path, "special_tokens_map.json")) or {}
+    added = None
+
+    def token_id(name):
+        nonlocal added
+        tok = tok_cfg.get(name) or smap.get(name)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if not tok:
+            return None
+        if added is None:
+            tj = read_json(os.path.join(path, "tokenizer.json")) or {}
+            added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        return added.get(tok)
+
+    eos = gen.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if not eos and token_id("eos_token") is not None:
+        eos = [token_id("eos_token")]
+    return {"eos": [int(i) for i in eos], "pad": token_id("pad_token")}
 
 
 @dataclass
@@ -71,7 +123,8 @@ class ModelConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        return self.vision.num_patches - (1 if self.feature_select == "default" else 0)
+        # SigLIP emits one feature per patch and no CLS slot
+        return tokens_per_image(self.vision.image_size, self.vision.patch_size, 0, self.feature_select)
 
     @property
     def vision_layers_used(self) -> int:

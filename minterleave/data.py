@@ -4,28 +4,23 @@
     ds = JsonDataset("m4_instruct_annotations.json", image_root="M4-Instruct-Data", processor=proc)
     batch = collate([ds[0], ds[1]], proc.pad_token_id)   # input_ids, attention_mask, labels, pixel_values
 
-A record (checkpoints.md §4.1): {"id", "image": [relative paths], "conversations": [{"from": "human"|"gpt",
-"value": "...<image>..."}, ...], "metadata": {...}}; optional "video": a relative path, "multi_patch": true.
+A record: {"id", "image": [relative paths], "conversations": [{"from": "human"|"gpt", "value": "...<image>..."},
+...], "metadata": {...}}; optional "video": a relative path, "multi_patch": true.
 
-How a record becomes one token sequence (the LLaVA-NeXT `preprocess_qwen` layout, without its system turn,
-because the llava-hf chat template inserts none):
+This module only turns a record into a conversation and its media; the chat layout and the label mask are the
+processor's (`Processor.encode_chat`, the one place they live). Each turn's value is the message content as a
+string, which the processor renders verbatim, as LLaVA's training code (`preprocess_qwen`, without its system
+turn) does:
 
-    <|im_start|>user\\n{human value}<|im_end|>\\n<|im_start|>assistant\\n{gpt value}<|im_end|>\\n ...
+    <|im_start|>user\n{human value}<|im_end|>\n<|im_start|>assistant\n{gpt value}<|im_end|>\n ...
 
-* Turn text is used verbatim; each `<image>` in it is where the next image of the record goes (the processor
-  expands it to tokens_per_image image tokens, or to 1 + n_tiles images for multi-patch). So the model sees
-  the images exactly where the placeholders are, interleaved or in front. For a record whose placeholders
-  come first followed by "\\n" + question (what the synthetic tasks call placement "front", and how LLaVA
-  data usually looks), the prefix up to and including `<|im_start|>assistant\\n` is byte-identical to
-  `Processor.apply_chat_template` of the equivalent messages ({"type": "image"} items, then the text) with
-  add_generation_prompt=True: training and inference prompts agree. (The hub template renders an
-  *assistant* message as "\\n" + text; we follow the original training code, which puts the answer right
-  after `assistant\\n`, i.e. exactly where generation starts.)
-* A record with images but no `<image>` in any human turn gets "<image>" * n + "\\n" prepended to its first
+so the prompt up to `<|im_start|>assistant\n` is exactly the inference prompt (`prompt_for`), and the answer
+starts where generation starts. Supervised: every assistant value and its closing `<|im_end|>`.
+
+* Each `<image>` in a turn is where the next image of the record goes (the processor expands it to
+  tokens_per_image image tokens, or to 1 + n_tiles images for multi-patch).
+* A record with images but no `<image>` in any human turn gets "<image>" * n + "\n" prepended to its first
   human turn (as LLaVA's training code does); any other count mismatch is an error naming the record.
-* Supervised (label = token id): every assistant answer's tokens and its closing `<|im_end|>`. Everything
-  else (user turns, the `<|im_start|>assistant\\n` headers, the "\\n" after `<|im_end|>`, padding) is -100.
-  Each turn is tokenized separately (as LLaVA does), so a label span never straddles a BPE merge.
 * Roles: "human"/"user" → user, "gpt"/"assistant" → assistant, "system" → system. Leading non-user turns
   other than a system turn are dropped (some M4-Instruct rows start with "gpt"); a record must end up with at
   least one user turn followed by an assistant turn.
@@ -48,7 +43,7 @@ import os
 
 import torch
 
-IGNORE_INDEX = -100
+from .config import IGNORE_INDEX
 TRAIN_SEED_BASE = 1_000_000_000
 EVAL_SEED_LIMIT = 100  # eval --seed S < 100 → sample seeds < 1e9 = TRAIN_SEED_BASE
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -108,7 +103,8 @@ def conversation(record, name="record"):
 
 
 def encode_conversation(proc, turns, images=(), videos=(), multi_patch=False, num_frames=None, name="record"):
-    """[(role, text)] + media → {"input_ids" (T,), "labels" (T,), "pixel_values" (N,3,S,S) or None}."""
+    """[(role, text)] + media → {"input_ids" (T,), "labels" (T,), "pixel_values" (N,3,S,S) or None}
+    (Processor.encode_chat, after the record-level placeholder rules of the module docstring)."""
     img_tok, vid_tok = proc.image_token, "<video>"
     images, videos = list(images), list(videos)
     n_ph = sum(t.count(img_tok) for r, t in turns if r == "user")
@@ -122,34 +118,13 @@ def encode_conversation(proc, turns, images=(), videos=(), multi_patch=False, nu
     if n_ph != len(images) or n_vph != len(videos):
         raise DataError(f"{name}: the text has {n_ph} <image> and {n_vph} <video> placeholder(s) but the record "
                         f"has {len(images)} image(s) and {len(videos)} video(s)")
-    ids, labels, pixels = [], [], []
-    start, end = "<|im_start|>", "<|im_end|>"
-    img_i, vid_i = 0, 0
-    for role, text in turns:
-        if role == "assistant":
-            if img_tok in text or vid_tok in text:
-                raise DataError(f"{name}: an assistant turn contains an image/video placeholder")
-            head = proc.encode(f"{start}assistant\n")
-            body = proc.encode(text + end)
-            tail = proc.encode("\n")
-            ids += head + body + tail
-            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
-            continue
-        a, b = text.count(img_tok), text.count(vid_tok)
-        try:
-            out = proc(f"{start}{role}\n{text}{end}\n", images=images[img_i:img_i + a],
-                       videos=videos[vid_i:vid_i + b], num_frames=num_frames, multi_patch=multi_patch)
-        except ValueError as e:
-            raise DataError(f"{name}: {e}") from None
-        img_i, vid_i = img_i + a, vid_i + b
-        seq = out["input_ids"][0].tolist()
-        ids += seq
-        labels += [IGNORE_INDEX] * len(seq)
-        if "pixel_values" in out:
-            pixels.append(out["pixel_values"])
-    pix = None if not pixels else pixels[0] if len(pixels) == 1 else torch.cat(pixels)
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": pix}
+    if any(r == "assistant" and (img_tok in t or vid_tok in t) for r, t in turns):
+        raise DataError(f"{name}: an assistant turn contains an image/video placeholder")
+    try:
+        return proc.encode_chat([{"role": r, "content": t} for r, t in turns], images, videos, num_frames,
+                                multi_patch)
+    except ValueError as e:
+        raise DataError(f"{name}: {e}") from None
 
 
 def is_multi_patch(record):
@@ -202,14 +177,14 @@ def encode_sample(proc, sample):
                                multi_patch=sample.domain == "multi_patch", name=f"{sample.domain} sample")
 
 
-def prompt_for(sample_or_question):
+def prompt_for(proc, sample_or_question):
     """The inference prompt (up to `<|im_start|>assistant\\n`) for a sample / question text: the same
     string the training layout has before the answer."""
     q = getattr(sample_or_question, "question", sample_or_question)
-    return f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+    return proc.apply_chat_template([{"role": "user", "content": q}])
 
 
-def record_question(record, image_root=".", index=None, image_token="<image>"):
+def record_question(proc, record, image_root=".", index=None):
     """An evaluation record (Interleave-Bench JSON: first human turn = question, first gpt turn = answer)
     → (prompt text with placeholders, image paths, answer, multi_patch). Paths are checked as for training."""
     name = record_name(record, index)
@@ -223,12 +198,13 @@ def record_question(record, image_root=".", index=None, image_token="<image>"):
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise DataError(f"{name}: image file(s) not found: {', '.join(missing)}")
+    image_token = proc.image_token
     if files and image_token not in q:
         q = image_token * len(files) + "\n" + q
     if q.count(image_token) != len(files):
         raise DataError(f"{name}: the question has {q.count(image_token)} <image> placeholder(s) but the record "
                         f"has {len(files)} image(s)")
-    return prompt_for(q), files, a, is_multi_patch(record)
+    return prompt_for(proc, q), files, a, is_multi_patch(record)
 
 
 def collate(items, pad_token_id):

@@ -42,7 +42,7 @@ def decode_step(model, tokens, attention_mask, cache):
 
 
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
-             top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, stream=None, **unused):
+             top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, stream=None):
     """New token ids (B, n), n <= max_new_tokens; rows that finished early are padded.
 
     eos_token_id: an id or a list of ids that end a row (default: the checkpoint's

@@ -8,30 +8,20 @@ References: Li et al. 2024, "LLaVA-NeXT-Interleave" (arXiv 2407.07895); Liu et a
 transformers' modeling_llava.py, whose logits this module reproduces.
 """
 
-import json
+import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, load_config
+from .config import IGNORE_INDEX, ModelConfig, load_config, special_tokens
 from .decoder import Decoder
 from .projector import Projector
-from .vision import VisionTower
-from . import weights
+from .vision import VisionTower, sincos_2d
+from . import hub, weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_eos_ids(path):
-    """The ids that end generation, from generation_config.json (absent: none)."""
-    file = os.path.join(path, "generation_config.json")
-    if not os.path.isfile(file):
-        return []
-    with open(file) as f:
-        eos = json.load(f).get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 class Model(nn.Module):
@@ -41,8 +31,7 @@ class Model(nn.Module):
         self.vision = VisionTower(cfg.vision, cfg.vision_layers_used)
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.decoder = Decoder(cfg.text)
-        self.eos_token_ids = []  # filled from generation_config.json by from_pretrained
-        self.embedding_source = None  # where from_pretrained found the embedding matrix (weights.py)
+        self.eos_token_ids = []  # generate's default stop ids: from_pretrained reads config.special_tokens
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
@@ -50,6 +39,7 @@ class Model(nn.Module):
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
+        path = hub.resolve(path)  # a folder, or a hub id fetched into the hub cache
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a checkpoint folder")
         cfg = load_config(path)
@@ -59,8 +49,28 @@ class Model(nn.Module):
             model = cls(cfg).to(dtype)  # free: meta tensors have no storage
         model = model.to_empty(device=device)
         weights.load_weights(model, path, cfg, where)
-        model.eos_token_ids = read_eos_ids(path)
+        model.eos_token_ids = special_tokens(path)["eos"]
         return model.eval()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02, pos_scale=0.5):
+        """Initialisation for training from scratch, GPT-2 style: normal(0, std) matrices and embeddings,
+        residual outputs scaled by 1/sqrt(2 * layers), zero biases, unit norms. The ViT's position
+        embedding starts as a 2D sine-cosine table (times pos_scale; still learned), so patches know where
+        they are from the first step. Returns self."""
+        n_res = 2 * (len(self.decoder.layers) + len(self.vision.layers))
+        for name, p in self.named_parameters():
+            if name == "vision.position_embedding.weight" and pos_scale:
+                p.copy_(pos_scale * sincos_2d(int(round(math.sqrt(p.shape[0]))), p.shape[1]))
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")):
+                p.normal_(0, std / math.sqrt(n_res))
+            else:
+                p.normal_(0, std)
+        return self
 
     @property
     def dtype(self):
@@ -107,12 +117,18 @@ class Model(nn.Module):
         mask[:, 0, idx, past + idx] = True
         return positions, mask
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, cache=None,
-                last_only=False, **unused):
-        """input_ids (B, T) -> logits (B, T, vocab) float; with labels also the mean loss.
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, num_items_in_batch=None,
+                return_logits=True, cache=None, last_only=False):
+        """input_ids (B, T) -> logits (B, T, vocab) float; with labels, (logits, loss).
 
-        attention_mask: (B, T) 0/1 for left-padded batches. last_only: logits of the last position
-        only (generation needs nothing else). Extra processor outputs (**unused) are ignored.
+        attention_mask: (B, T) 0/1 for padded batches. last_only: logits of the last position only
+        (generation needs nothing else). labels (B, T): the token ids to predict, -100 where nothing is
+        supervised; position t predicts labels[t + 1] (the shift happens here, as in transformers). The
+        loss is the summed token cross-entropy divided by num_items_in_batch (transformers' argument for
+        gradient accumulation: the supervised tokens of the whole global batch), by default by the
+        supervised tokens of this call. Only the supervised positions go through the output head;
+        return_logits=False skips the full (B, T, vocab) logits too and returns (None, loss): that is
+        the training path (the 0.5B model's head is 151,646 x 896: 0.6 MB of fp32 logits per position).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -125,25 +141,32 @@ class Model(nn.Module):
             mask = None
         else:
             positions, mask = self.positions_and_mask(attention_mask, past)
-        h = self.decoder(h, positions, cache, mask)
-        logits = self.decoder.logits(h[:, -1:] if last_only else h).float()
+        h = self.decoder(h, positions, cache, mask)  # (B, T, C)
+        logits = self.decoder.logits(h[:, -1:] if last_only else h).float() if return_logits else None
         if labels is None:
             return logits
-        # position t predicts token t+1; -100 marks tokens that are not supervised
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
-        return logits, loss
+        target = labels[:, 1:].to(h.device)
+        supervised = target != IGNORE_INDEX  # (B, T-1)
+        picked = self.decoder.logits(h[:, :-1][supervised]).float()  # (n, vocab)
+        loss = F.cross_entropy(picked, target[supervised], reduction="sum")
+        return logits, loss / (supervised.sum() if num_items_in_batch is None else num_items_in_batch)
 
-    def prepare_for_inference(self):
+    def prepare_for_inference(self, checkpoint=None):
         """Inference-only decode speed-ups on a CPU (packing.py): the decoder's weights move to
         oneDNN's packed layout (bf16: bit-identical; fp32: same greedy tokens, logits within ~1e-6
-        relative). Training needs the plain layers, so this is a separate, explicit step; returns self."""
+        relative). Training needs the plain layers, so this is a separate, explicit step; returns self.
+
+        checkpoint: the folder the weights were loaded from. With it, a tied head is packed too and the
+        embedding lookup reads its rows from that file (no second in-memory copy of the matrix)."""
         from .packing import pack_decoder
-        pack_decoder(self.decoder, self.embedding_source)
+        source = weights.embedding_location(checkpoint, self.cfg) if checkpoint is not None else None
+        pack_decoder(self.decoder, source)
         return self.eval()
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, **kwargs):
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
+                 top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, stream=None):
         """New token ids (B, n): greedy unless temperature > 0. See minterleave/generate.py."""
         from .generate import generate
-        return generate(self, input_ids, pixel_values, **kwargs)
+        return generate(self, input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                        seed, eos_token_id, pad_token_id, stream)

@@ -8,47 +8,45 @@ the interleave extras on top:
         {"type": "image"}, {"type": "image"}, {"type": "text", "text": "What changed?"}]}])
     inputs = proc(prompt, images=[img_a, img_b])   # {"input_ids": (1,T) long, "attention_mask": (1,T) long,
                                                    #  "pixel_values": (N,3,S,S) float32}
+    item = proc.encode_chat(messages, images=[...])  # training: {"input_ids" (T,), "labels" (T,), "pixel_values"}
 
-* Images: each `<image>` costs `tokens_per_image` = (S // patch)^2 (+ extra, −1 for "default") ids
-  (729 for the official 384/14 models); images are consumed in order of appearance.
-  No image → no "pixel_values" key (as LlavaProcessor; the model takes pixel_values=None).
-* Video: write `<video>` where the clip goes (the chat template renders a {"type": "video"} item as
-  `<video>`); pass `videos=[path or (T,H,W,3) array]`. K frames (argument `num_frames`, else the config's
-  `num_frames`, else 16) are sampled at `np.linspace(0, n-1, K).astype(int)` and the placeholder becomes
-  K consecutive `<image>` (no separator): K × tokens_per_image ids. The frame indices and timestamps
-  (seconds; None for arrays) of the last call are in `proc.last_video_frame_indices` and
-  `proc.last_video_timestamps` (one list per video).
-* 3D / multi-view: the views are just images, one `<image>` per view, e.g.
-  `"<image><image><image>\\nHow many cubes are there?"` with `images=[view0, view1, view2]`.
-* Multi-patch (AnyRes) single image: `multi_patch=True` turns each image of the call (meant for a
-  single-image prompt) into a downscaled overview first, then the row-major S×S tiles of the
-  LLaVA-NeXT best-fit grid (see media.anyres_tiles; grids of 1×2, 2×1, 2×2, 3×1, 1×3 tiles by
-  default, or the config's `image_grid_pinpoints` in pixels); its one `<image>` becomes 1 + n_tiles
-  `<image>`, i.e. (1 + n_tiles) × tokens_per_image ids (up to 5 × 729 = 3645 for the official models).
+* The chat layout lives here and only here (`_render`): `apply_chat_template` (inference prompts) and
+  `encode_chat` (training ids + label mask) both go through it. A message's content is either
+  - a list of items (HF style): rendered exactly as the llava-hf interleave template renders it — the
+    turn's media placeholders first (`<image>` per image item, `<video>` per video item, in order), then
+    "\n" + text for each text item; or
+  - a plain string: rendered verbatim, as Qwen2's own template and LLaVA's training code
+    (`preprocess_qwen`) do; `<image>`/`<video>` placeholders inside it stay where they are. M4-Instruct
+    records and the synthetic tasks are strings; the llava-hf template has no rendering for them.
+  Each message is `<|im_start|>{role}\n{content}<|im_end|>\n`; no system prompt is inserted.
+* Label mask (`encode_chat`): a token is supervised when it overlaps an assistant span — for list content
+  the "\n" + text pieces the hub template wraps in `{% generation %}` (so the same tokens transformers'
+  `apply_chat_template(..., return_assistant_tokens_mask=True)` marks), for string content the whole
+  string — or the turn's closing `<|im_end|>` (the model must learn to stop). Everything else is -100.
+* Images: each `<image>` costs `tokens_per_image` ids (config.tokens_per_image; 729 for the official
+  384/14 models); images are consumed in order of appearance. No image → no "pixel_values" key.
+* Video: `<video>` in the text, `videos=[path or (T,H,W,3) array]`. K frames (argument `num_frames`, else
+  the checkpoint's, else 16) are sampled at `np.linspace(0, n-1, K).astype(int)` and the placeholder becomes
+  K consecutive `<image>`: K × tokens_per_image ids. `video_frames(video)` returns the frames with their
+  indices and timestamps, for callers that want to know which frames were used.
+* 3D / multi-view: the views are just images, one `<image>` per view.
+* Multi-patch (AnyRes) single image: `multi_patch=True` turns each image of the call into a downscaled
+  overview, then the row-major S×S tiles of the LLaVA-NeXT best-fit grid (media.anyres_tiles); its one
+  `<image>` becomes 1 + n_tiles `<image>` (up to 5 × 729 = 3645 ids for the official models).
 * A batch (`text` as a list) is LEFT-padded with `pad_token_id`; `attention_mask` marks real tokens.
 """
 
-import json
 import os
 import re
 
 import numpy as np
 import torch
 
-from . import media
+from . import hub, media
+from .config import DEFAULT_NUM_FRAMES, IGNORE_INDEX, read_json, special_tokens, tokens_per_image
 
 VIDEO_TOKEN = "<video>"
-
-
-def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _token_str(t):
-    return t.get("content") if isinstance(t, dict) else t
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 def _square_size(size):
@@ -78,14 +76,13 @@ class Processor:
                  vision_feature_select_strategy="full", image_mean=(0.5, 0.5, 0.5),
                  image_std=(0.5, 0.5, 0.5), rescale_factor=1 / 255, resample=media.BICUBIC,
                  do_resize=True, do_rescale=True, do_normalize=True, image_token="<image>",
-                 eos_token_ids=None, pad_token_id=None, num_frames=16, max_length=None,
+                 eos_token_ids=(), pad_token_id=None, num_frames=DEFAULT_NUM_FRAMES, max_length=None,
                  grid_pinpoints=None, chat_template=None):
         self.tokenizer = tokenizer  # a tokenizers.Tokenizer
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
-        self.tokens_per_image = (self.image_size // self.patch_size) ** 2 + int(num_additional_image_tokens)
-        if vision_feature_select_strategy == "default":
-            self.tokens_per_image -= 1
+        self.tokens_per_image = tokens_per_image(self.image_size, self.patch_size, num_additional_image_tokens,
+                                                 vision_feature_select_strategy)
         self.pixel_kwargs = dict(mean=tuple(image_mean), std=tuple(image_std), rescale_factor=rescale_factor,
                                  resample=int(resample), do_resize=do_resize, do_rescale=do_rescale,
                                  do_normalize=do_normalize)
@@ -93,20 +90,13 @@ class Processor:
         self.image_token_id = tokenizer.token_to_id(image_token)
         if self.image_token_id is None:
             raise ValueError(f"the tokenizer has no {image_token!r} token")
-        vocab_ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        eos = list(eos_token_ids or []) + [i for i in vocab_ids if i is not None]
-        self.eos_token_ids = list(dict.fromkeys(int(i) for i in eos))
-        if pad_token_id is None:
-            pad_token_id = tokenizer.token_to_id("<|endoftext|>")
-        if pad_token_id is None and self.eos_token_ids:
-            pad_token_id = self.eos_token_ids[0]
-        self.pad_token_id = pad_token_id
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (
+            self.eos_token_ids[0] if self.eos_token_ids else 0)
         self.num_frames = int(num_frames)
         self.max_length = max_length
         self.grid_pinpoints = grid_pinpoints
         self.chat_template = chat_template  # the checkpoint's jinja text, for reference only
-        self.last_video_frame_indices = []
-        self.last_video_timestamps = []
         self._placeholder = re.compile(f"({re.escape(image_token)}|{re.escape(VIDEO_TOKEN)})")
 
     @classmethod
@@ -114,25 +104,18 @@ class Processor:
         """Read tokenizer.json and the processor/preprocessor/tokenizer/generation configs of `path`."""
         from tokenizers import Tokenizer
 
+        path = hub.resolve(path)  # a folder, or a hub id fetched into the hub cache
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
-            raise ValueError(f"no tokenizer.json in {path}")
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
         tokenizer = Tokenizer.from_file(tok_file)
-        j = lambda name: _read_json(os.path.join(path, name)) or {}  # noqa: E731
+        j = lambda name: read_json(os.path.join(path, name)) or {}  # noqa: E731
         proc_cfg, cfg, tok_cfg = j("processor_config.json"), j("config.json"), j("tokenizer_config.json")
         pre = j("preprocessor_config.json") or proc_cfg.get("image_processor") or {}
-        smap, gen = j("special_tokens_map.json"), j("generation_config.json")
         vision = cfg.get("vision_config") or {}
         text = cfg.get("text_config") or {}
-
-        eos = gen.get("eos_token_id")
-        eos = [] if eos is None else _listify(eos)
-        for name in (_token_str(tok_cfg.get("eos_token")), _token_str(smap.get("eos_token"))):
-            if name and tokenizer.token_to_id(name) is not None:
-                eos.append(tokenizer.token_to_id(name))
-        pad = _token_str(tok_cfg.get("pad_token")) or _token_str(smap.get("pad_token"))
-        pad_id = tokenizer.token_to_id(pad) if pad else None
+        special = special_tokens(path)
         pinpoints = pre.get("image_grid_pinpoints") or cfg.get("image_grid_pinpoints")
         if not (isinstance(pinpoints, list) and all(isinstance(p, (list, tuple)) for p in pinpoints)):
             pinpoints = None
@@ -152,43 +135,71 @@ class Processor:
             do_rescale=pre.get("do_rescale", True) is not False,
             do_normalize=pre.get("do_normalize", True) is not False,
             image_token=proc_cfg.get("image_token") or "<image>",
-            eos_token_ids=eos, pad_token_id=pad_id,
-            num_frames=proc_cfg.get("num_frames") or pre.get("num_frames") or 16,
-            max_length=text.get("max_position_embeddings") or cfg.get("max_position_embeddings"),
+            eos_token_ids=special["eos"], pad_token_id=special["pad"],
+            num_frames=proc_cfg.get("num_frames") or pre.get("num_frames") or DEFAULT_NUM_FRAMES,
+            max_length=(text.get("max_position_embeddings") or cfg.get("max_position_embeddings")
+                        or tok_cfg.get("model_max_length")),
             grid_pinpoints=pinpoints, chat_template=chat_template,
         )
 
-    # ------------------------------------------------------------------------------ chat template
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """HF-style messages → prompt, byte-identical to the llava-hf interleave jinja template.
-
-        Per message: `<|im_start|>{role}\\n`, then the turn's media placeholders (`<image>` per image
-        item, `<video>` per video item, in their order in the content list), then "\\n" + text for
-        each text item, then `<|im_end|>\\n`; finally `<|im_start|>assistant\\n` if
-        add_generation_prompt. No system prompt is inserted. Differences from the hub template
-        (which would render nothing for them): video items become `<video>`, and a plain-string
-        content is treated as one text item.
-        """
-        out = []
+    # ------------------------------------------------------------------------------ chat layout
+    def _render(self, messages, add_generation_prompt):
+        """The one chat layout: messages → [(text piece, supervised?)] (see the module docstring)."""
+        pieces = []
         for m in messages:
-            content = m.get("content") or []
+            role, content = m["role"], m.get("content")
+            assistant = role == "assistant"
+            pieces.append((f"{IM_START}{role}\n", False))
             if isinstance(content, str):
-                content = [{"type": "text", "text": content}]
-            out.append("<|im_start|>" + m["role"] + "\n")
-            for c in content:
-                if c.get("type") == "image":
-                    out.append(self.image_token)
-                elif c.get("type") == "video":
-                    out.append(VIDEO_TOKEN)
-            for c in content:
-                if c.get("type") == "text":
-                    if "text" not in c:
-                        raise ValueError(f"text item without a 'text' field: {c}")
-                    out.append("\n" + c["text"])
-            out.append("<|im_end|>\n")
+                pieces.append((content, assistant))
+            else:
+                content = content or []
+                for c in content:
+                    if c.get("type") == "image":
+                        pieces.append((self.image_token, False))
+                    elif c.get("type") == "video":
+                        pieces.append((VIDEO_TOKEN, False))
+                for c in content:
+                    if c.get("type") == "text":
+                        if "text" not in c:
+                            raise ValueError(f"text item without a 'text' field: {c}")
+                        pieces.append(("\n" + c["text"], assistant))
+            pieces += [(IM_END, assistant), ("\n", False)]
         if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
-        return "".join(out)
+            pieces.append((f"{IM_START}assistant\n", False))
+        return pieces
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """HF-style messages → prompt string. List content is byte-identical to the llava-hf interleave
+        template; string content is rendered verbatim (module docstring). add_generation_prompt appends
+        `<|im_start|>assistant\\n`, where the answer starts."""
+        return "".join(text for text, _ in self._render(messages, add_generation_prompt))
+
+    def encode_chat(self, messages, images=None, videos=None, num_frames=None, multi_patch=False,
+                    add_generation_prompt=False):
+        """A conversation + its media → {"input_ids" (T,), "labels" (T,), "pixel_values" (N,3,S,S) or None}.
+
+        labels hold the token id where a token is supervised (assistant text and each assistant turn's
+        closing <|im_end|>) and -100 elsewhere; the whole string is tokenized at once, as transformers does."""
+        images, videos = _listify(images), _listify(videos)
+        pieces = self._render(messages, add_generation_prompt)
+        self._check_counts(["".join(t for t, _ in pieces)], images, videos)
+        image_iter, video_iter, pixels = iter(images), iter(videos), []
+        k = int(num_frames or self.num_frames)
+        text, spans = "", []
+        for piece, supervised in pieces:
+            expanded = self._expand(piece, image_iter, video_iter, k, multi_patch, pixels)
+            if supervised:
+                spans.append((len(text), len(text) + len(expanded)))
+            text += expanded
+        enc = self.tokenizer.encode(text)
+        self._check_length(len(enc.ids))
+        # a token is supervised when its characters overlap a span (transformers' rule for the mask)
+        labels = [i if any(s < e1 and e > s1 for s1, e1 in spans) else IGNORE_INDEX
+                  for i, (s, e) in zip(enc.ids, enc.offsets)]
+        return {"input_ids": torch.tensor(enc.ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "pixel_values": torch.from_numpy(np.stack(pixels)) if pixels else None}
 
     # ----------------------------------------------------------------------------------- encoding
     def encode(self, text):
@@ -199,43 +210,53 @@ class Processor:
         """One image (PIL / uint8 array / path) → float32 numpy (3,S,S)."""
         return media.preprocess(media.to_rgb(image), self.image_size, **self.pixel_kwargs)
 
-    def __call__(self, text, images=None, videos=None, num_frames=None, multi_patch=False):
-        """Prompt(s) with `<image>`/`<video>` placeholders + media → input_ids, attention_mask, pixel_values."""
-        texts = [text] if isinstance(text, str) else list(text)
-        images, videos = _listify(images), _listify(videos)
-        k = int(num_frames or self.num_frames)
+    def video_frames(self, video, num_frames=None):
+        """A video (file path or (T,H,W,3) array) → (PIL frames, frame indices, timestamps in s or None):
+        the K frames `__call__` would use for it."""
+        return media.video_to_frames(video, int(num_frames or self.num_frames))
+
+    def _check_counts(self, texts, images, videos):
         n_img = sum(t.count(self.image_token) for t in texts)
         n_vid = sum(t.count(VIDEO_TOKEN) for t in texts)
         for kind, n_ph, given in (("<image>", n_img, len(images)), ("<video>", n_vid, len(videos))):
             if n_ph != given:
                 raise ValueError(f"prompt has {n_ph} {kind} placeholder(s) but {given} "
                                  f"{kind.strip('<>')}(s) were given")
-        image_iter, video_iter = iter(images), iter(videos)
-        pixels, seqs = [], []
-        self.last_video_frame_indices, self.last_video_timestamps = [], []
+
+    def _check_length(self, n):
+        if self.max_length is not None and n > self.max_length:
+            raise ValueError(f"prompt is {n} tokens long (images included) but the model's "
+                             f"context is {self.max_length} tokens")
+
+    def _expand(self, text, image_iter, video_iter, num_frames, multi_patch, pixels):
+        """Replace each placeholder of `text` by its image tokens, appending the pixels in order."""
+        parts = []
+        for piece in self._placeholder.split(text):
+            if piece == self.image_token:
+                img = media.to_rgb(next(image_iter))
+                views = media.anyres_tiles(img, self.image_size, self.grid_pinpoints)[0] if multi_patch else [img]
+            elif piece == VIDEO_TOKEN:
+                views = self.video_frames(next(video_iter), num_frames)[0]
+            else:
+                parts.append(piece)
+                continue
+            pixels.extend(media.preprocess(v, self.image_size, **self.pixel_kwargs) for v in views)
+            parts.append(self.image_token * (len(views) * self.tokens_per_image))
+        return "".join(parts)
+
+    def __call__(self, text, images=None, videos=None, num_frames=None, multi_patch=False):
+        """Prompt(s) with `<image>`/`<video>` placeholders + media → input_ids, attention_mask, pixel_values."""
+        texts = [text] if isinstance(text, str) else list(text)
+        images, videos = _listify(images), _listify(videos)
+        self._check_counts(texts, images, videos)
+        image_iter, video_iter, pixels, seqs = iter(images), iter(videos), [], []
+        k = int(num_frames or self.num_frames)
         for t in texts:
-            parts = []
-            for piece in self._placeholder.split(t):
-                if piece == self.image_token:
-                    img = media.to_rgb(next(image_iter))
-                    views = (media.anyres_tiles(img, self.image_size, self.grid_pinpoints)[0]
-                             if multi_patch else [img])
-                elif piece == VIDEO_TOKEN:
-                    views, idx, times = media.video_to_frames(next(video_iter), k)
-                    self.last_video_frame_indices.append(idx)
-                    self.last_video_timestamps.append(times)
-                else:
-                    parts.append(piece)
-                    continue
-                pixels.extend(media.preprocess(v, self.image_size, **self.pixel_kwargs) for v in views)
-                parts.append(self.image_token * (len(views) * self.tokens_per_image))
-            ids = self.tokenizer.encode("".join(parts)).ids
-            if self.max_length is not None and len(ids) > self.max_length:
-                raise ValueError(f"prompt is {len(ids)} tokens long (images included) but the model's "
-                                 f"context is {self.max_length} tokens")
+            ids = self.tokenizer.encode(self._expand(t, image_iter, video_iter, k, multi_patch, pixels)).ids
+            self._check_length(len(ids))
             seqs.append(ids)
         width = max(len(s) for s in seqs)
-        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        pad = self.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
         out = {"input_ids": input_ids, "attention_mask": mask}

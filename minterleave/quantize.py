@@ -67,5 +67,4 @@ def quantize_int8(model):
         dec.lm_head = Int8Linear(q, s, None, dtype)
     else:
         dec.lm_head = Int8Linear.from_linear(dec.lm_head)
-    model.quantized = "int8"
     return model

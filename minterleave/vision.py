@@ -3,10 +3,12 @@
 pixels (N, 3, S, S) -> 14x14 patches by a strided conv -> + learned position embeddings ->
 L encoder blocks (bidirectional attention, GELU-tanh MLP). LLaVA-Interleave takes the output of
 the last block as the image feature, *before* `post_layernorm`: the checkpoint ships that
-LayerNorm but never uses it (checkpoints.md §2.3), so this module does not even build it.
+LayerNorm but never uses it (docs/checkpoint-layouts.md), so this module does not even build it.
 References: Zhai et al. 2023 "Sigmoid Loss for Language Image Pre-Training" (SigLIP);
 Dosovitskiy et al. 2020 (ViT); transformers' modeling_siglip.py for the exact layer order.
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -67,3 +69,18 @@ class VisionTower(nn.Module):
         for block in self.layers:
             x = block(x)
         return x
+
+
+def sincos_2d(grid, dim):
+    """(grid * grid, dim) fixed 2D sine-cosine position table (MAE): half the channels encode the row,
+    half the column, each at dim / 4 frequencies. Used to initialise a tower trained from scratch."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        a = coord[:, None] * omega[None, :]
+        parts += [a.sin(), a.cos()]
+    pe = torch.cat(parts, dim=1)
+    return F.pad(pe, (0, dim - pe.shape[1])).float()

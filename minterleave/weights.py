@@ -209,12 +209,20 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
             with open(file, "rb") as f:
                 for ck, target in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
                     read_into(f, start, header[ck], target)
-                    if names[ck][0] == "decoder.embed_tokens.weight":
-                        # where the embedding lies on disk: lets packing.py pack a tied head and read
-                        # the embedding's rows from the file instead of keeping a second copy in memory
-                        model.embedding_source = dict(file=file, offset=start + header[ck]["data_offsets"][0],
-                                                      dtype=DTYPES[header[ck]["dtype"]], shape=tuple(header[ck]["shape"]))
     return layout
+
+
+def embedding_location(path: str, cfg: ModelConfig) -> dict:
+    """Where the token-embedding matrix lies in the checkpoint at `path`: {file, offset, dtype, shape}.
+    packing.py uses it to pack a tied head and read the embedding's rows from the file instead of keeping
+    a second copy in memory."""
+    where = weight_files(path)
+    layout = detect_layout(cfg, where)
+    key = next(ck for ck, (ours, _) in tensor_map(cfg, layout, cfg.vision_layers_used).items()
+               if ours == "decoder.embed_tokens.weight")
+    start, header = read_header(where[key])
+    return dict(file=where[key], offset=start + header[key]["data_offsets"][0], dtype=DTYPES[header[key]["dtype"]],
+                shape=tuple(header[key]["shape"]))
 
 
 def save_weights(model, path: str, cfg: ModelConfig):
