@@ -12,7 +12,7 @@ import time
 
 from . import tasks
 from .data import prompt_for
-from .tasks_render import save_video
+from .tasks.render import save_video
 
 DEMO_SEED = 4242  # an evaluation-range seed (< 1e9): never seen in training
 

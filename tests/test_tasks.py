@@ -1,18 +1,29 @@
-"""Synthetic task families (minterleave.tasks): determinism, balance, pixel-only answers, records."""
+"""Synthetic task families (minterleave.tasks): determinism, balance, pixel-only answers, records; the
+domain list and what a new domain needs; the --patch-words helpers."""
 
+import copy
 import functools
+import importlib.util
 import json
 import os
 import random
 import re
+import types
 from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import minterleave as mi
 from minterleave import tasks
-from minterleave.tasks_render import COLOURS, GREY
+from minterleave.tasks import patch_words
+from minterleave.tasks.render import COLOURS, GREY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED = os.path.join(ROOT, "weights", "minterleave-tiny")
 
 N_PER_QTYPE = {"multi_image": 400, "video": 400, "3d": 400, "multi_patch": 400}
 
@@ -112,7 +123,7 @@ def solve_3d(s):
 def find_marks(img):
     """[(colour, x, y)] of the fine dot marks: a pure palette pixel whose right and lower neighbours
     are its partner colour (flat shapes have same-colour or grey neighbours)."""
-    from minterleave.tasks_render import PALETTE, dot_partner
+    from minterleave.tasks.render import PALETTE, dot_partner
     a = np.asarray(img).astype(int)
     out = []
     for col in COLOURS:
@@ -216,7 +227,7 @@ def test_question_text_does_not_give_answer(domain):
 
 @pytest.mark.parametrize("size", [64, 96])
 def test_grid_scene_labels_are_what_the_pixels_show(size):
-    """train.py --patch-words trains each patch on these labels: they must be the drawn shapes."""
+    """--patch-words trains each patch on these labels: they must be the drawn shapes."""
     for k in range(30):
         img, cells = tasks.grid_scene(random.Random(k), size)
         assert img.size == (size, size) and 1 <= len(cells) <= 4
@@ -299,3 +310,132 @@ def test_records(tmp_path):
     other = tasks.make_records("video", 2, 1, str(tmp_path), placement="front")
     assert not set(other[0]["image"]) & {p for r in recs for p in r["image"]}
     assert all(r["conversations"][0]["value"].startswith("<image>" * 4 + "\n") for r in other)
+
+
+# ------------------------------------------------------------------ the domain list, and a new domain
+def test_domains_are_listed_once_and_every_table_reads_them():
+    assert tuple(tasks.DOMAINS) == ("multi_image", "video", "3d", "multi_patch") and len(tasks.DOMAINS) == 4
+    for d, m in tasks.DOMAINS.items():
+        assert isinstance(m.LABEL, str) and callable(m.generate) and tasks.QTYPES[d] == m.QTYPES
+        for q in m.QTYPES:
+            assert tasks.choices(d, q) == m.choices(q, **m.DEFAULTS)
+    assert set(tasks.CHANCE) == {(d, q) for d in tasks.DOMAINS for q in tasks.QTYPES[d]}
+    assert tasks.CHANCE["video", "order"] == 0.5 and tasks.CHANCE["multi_image", "spot_diff"] == 0.25
+    assert tasks.QUESTION_FIRST == ("which_image",)
+    assert tasks.DEFAULTS == {"num_images": 3, "num_frames": 4, "num_views": 3, "mark": "dots"}
+    assert tasks.choices("multi_image", "which_image", num_images=5) == ("1", "2", "3", "4", "5")
+    with pytest.raises(ValueError, match="'toy' not in"):
+        tasks.make_sample("toy", 0)
+
+
+TOY = '''"""Toy domain: one shape on black; what colour is it, which side is it on?"""
+
+from minterleave.tasks.render import COLOURS, render_2d
+
+LABEL = "Picture"
+QTYPES = ("colour", "side")
+DEFAULTS = {"toy_shape": "square"}
+QUESTION_FIRST = ("side",)
+
+
+def choices(qtype, **_):
+    return {"colour": COLOURS, "side": ("left", "right")}[qtype]
+
+
+def generate(rng, qtype, answer, size, toy_shape, **_):
+    colour = answer if qtype == "colour" else rng.choice(COLOURS)
+    side = answer if qtype == "side" else rng.choice(("left", "right"))
+    x = size / 4 if side == "left" else 3 * size / 4
+    image = render_2d(size, [(toy_shape, colour, x, size / 2, size / 6)])
+    if qtype == "colour":
+        return [image], f"What colour is the {toy_shape}?", {"side": side}
+    return [image], f"Is the {colour} {toy_shape} on the left or the right?", {"colour": colour}
+'''
+
+
+def test_a_new_domain_is_its_module_plus_one_line_and_trains(tmp_path, monkeypatch):
+    """docs/adding-a-domain.md, done: a module file, one entry in tasks.DOMAINS, then every table, the
+    records, train.py --domain and its data stream pick it up."""
+    (tmp_path / "toy.py").write_text(TOY)
+    spec = importlib.util.spec_from_file_location("toy", tmp_path / "toy.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    monkeypatch.setitem(tasks.DOMAINS, "toy", toy)   # the one line, undone after the test
+
+    assert tasks.QTYPES["toy"] == ("colour", "side") and tasks.CHANCE["toy", "side"] == 0.5
+    assert "side" in tasks.QUESTION_FIRST and tasks.DEFAULTS["toy_shape"] == "square"
+    smps = [tasks.make_sample("toy", s, placement="interleaved") for s in range(16)]
+    assert [s.qtype for s in smps[:2]] == ["colour", "side"]
+    assert Counter(s.answer for s in smps if s.qtype == "colour") == {c: 2 for c in COLOURS}
+    assert smps[0].question == "Picture: <image> What colour is the square?"
+    assert smps[1].question.startswith("Is the ") and smps[1].question.endswith("right? Picture: <image>")
+    assert "circle" in tasks.make_sample("toy", 1, toy_shape="circle").question
+    recs = tasks.make_records("all", 10, 0, str(tmp_path / "recs"))
+    assert Counter(r["metadata"]["domain"] for r in recs) == {d: 2 for d in tasks.DOMAINS}
+
+    monkeypatch.syspath_prepend(ROOT)
+    import train
+    out, threads = str(tmp_path / "ckpt"), torch.get_num_threads()
+    train.task_corpus.cache_clear()   # the tokenizer's text now includes the toy's questions
+    try:
+        train.main(["--preset", "test", "--domain", "toy", "--max-steps", "2", "--batch-size", "2",
+                    "--log-every", "1", "--out", out, "--threads", "1"])
+    finally:
+        train.task_corpus.cache_clear()   # and later tests get theirs without it
+        torch.set_num_threads(threads)
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] > 1
+    assert mi.Model.from_pretrained(out).cfg.vision.image_size == 96
+
+
+# ------------------------------------------------------------------ --patch-words
+@pytest.fixture(scope="module")
+def bundled():
+    return mi.Model.from_pretrained(BUNDLED, dtype=torch.float32).eval(), mi.Processor.from_pretrained(BUNDLED)
+
+
+def test_patch_word_targets_are_the_grid_scene_labels(bundled):
+    model, proc = bundled
+    ids = patch_words.word_ids(proc)
+    assert sorted(ids) == sorted(COLOURS + tasks.SHAPES) and len(set(ids.values())) == 7
+    assert all(proc.encode(" " + w) == [i] for w, i in ids.items())
+    seeds, size = ["0-3-1", "0-3-2", 7], proc.image_size
+    pixels, targets = patch_words.batch(proc, seeds, size, ids)
+    assert pixels.shape == (3, 3, size, size) and targets.shape == (3, 9, 2)
+    for i, seed in enumerate(seeds):
+        img, cells = tasks.grid_scene(random.Random(seed), size)
+        assert torch.equal(pixels[i], torch.from_numpy(proc.image_pixels(img)))
+        for k in range(9):
+            assert targets[i, k].tolist() == ([ids[w] for w in cells[k]] if k in cells else [-100, -100])
+    with pytest.raises(ValueError, match="splits 'red' into 2 tokens"):
+        patch_words.word_ids(types.SimpleNamespace(encode=lambda text: [5, 6]))
+
+
+def test_patch_word_loss_is_the_mean_nll_of_both_words_per_occupied_cell(bundled):
+    model, proc = bundled
+    ids = patch_words.word_ids(proc)
+    pixels, targets = patch_words.batch(proc, range(6), proc.image_size, ids)
+    total, n = patch_words.loss_sum(model, pixels, targets)
+    want, cells = 0.0, 0
+    with torch.no_grad():   # cell by cell, cross-entropy of the head's logits for that one patch
+        feats = model.image_features(pixels)
+        for i in range(6):
+            for k, (colour, shape) in tasks.grid_scene(random.Random(i), proc.image_size)[1].items():
+                logits = model.decoder.logits(model.decoder.norm(feats[i, k])).double()
+                want += F.cross_entropy(logits.expand(2, -1), torch.tensor([ids[colour], ids[shape]])).item()
+                cells += 1
+    assert n == cells and 6 <= n <= 24
+    assert abs(total.item() - want) < 1e-5 * want, (total.item(), want)
+    total.backward()   # it trains the tower and the projector (and, tied, the word embeddings)
+    assert model.vision.patch_embedding.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_patch_words_need_a_3x3_grid(bundled):
+    cfg = bundled[0].cfg
+    patch_words.check_grid(cfg)
+    other = copy.deepcopy(cfg)
+    other.vision.patch_size = 16   # 6x6 patches: a grid cell is no longer one patch
+    with pytest.raises(ValueError, match="3x3"):
+        patch_words.check_grid(other)

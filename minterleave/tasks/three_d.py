@@ -1,75 +1,27 @@
-"""Rendering helpers for the synthetic tasks (`minterleave.tasks`): flat 2D shapes with Pillow,
-the fine "dot" marks of the multi-patch family, and a tiny numpy ray caster for the 3D family.
-
-Everything here is deterministic: no randomness, no global state.
+"""3D domain: several views of one scene of boxes and spheres on a ground plane, rendered by a tiny numpy
+ray caster (exact perspective and occlusion). Questions: how many objects (one hides behind another in
+some view, so no single view suffices), left or right in the first view, colour of the object nearest
+to the first camera.
 """
 
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-# answer vocabulary: four saturated colours, easy to tell apart at 64 px and under shading
-PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
-COLOURS = tuple(PALETTE)
-SHAPES = ("circle", "square", "triangle")
-BLACK = (0, 0, 0)
-GREY = (128, 128, 128)      # multi-patch background: the mean of every dot mark
-GROUND = (96, 96, 96)       # 3D ground plane (sky is black)
+from .render import COLOURS, PALETTE
+
+LABEL = "View"
+QTYPES = ("count", "left_right", "nearest")
+DEFAULTS = {"num_views": 3}
 
 
-# ------------------------------------------------------------------------------------------ 2D
-def draw_shape(draw, shape, cx, cy, r, rgb):
-    """A flat shape of 'radius' r centred at (cx, cy)."""
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
-    elif shape == "square":
-        a = r * 0.85
-        draw.rectangle([cx - a, cy - a, cx + a, cy + a], fill=rgb)
-    elif shape == "triangle":
-        h = r * 1.1
-        draw.polygon([(cx, cy - h), (cx + h, cy + h * 0.8), (cx - h, cy + h * 0.8)], fill=rgb)
-    else:
-        raise ValueError(shape)
+def choices(qtype, **_):
+    return {"count": ("2", "3", "4"), "left_right": ("left", "right"), "nearest": COLOURS}[qtype]
 
 
-def render_2d(size, items, bg=BLACK):
-    """items: iterable of (shape, colour_name, cx, cy, r)."""
-    img = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(img)
-    for shape, colour, cx, cy, r in items:
-        draw_shape(d, shape, cx, cy, r, PALETTE[colour])
-    return img
-
-
-def dot_partner(rgb, grey=GREY[0]):
-    """Partner colour P of a dot mark [[C, P], [P, P]]: (C + 3P) / 4 = grey, so the mark's mean is the
-    background and a 2x antialiased downscale cancels it (every non-constant component of a period-2
-    pattern sits at the source Nyquist frequency, where the bicubic kernel sums to zero)."""
-    return tuple(int(round((4 * grey - c) / 3)) for c in rgb)
-
-
-def draw_mark(arr, x0, y0, m, colour, style="dots"):
-    """Paint an m×m mark at (x0, y0) into an HxWx3 uint8 array. style 'dots': the colour on the
-    even-even pixels of the mark (x0, y0 must be even), its partner on the others, the outer ring at
-    half contrast (that taper cuts what survives a 2x bicubic downscale from ~9% to ~3% of the
-    contrast); 'solid': a flat square (survives downscaling; a control)."""
-    c = np.array(PALETTE[colour], float)
-    if style == "solid":
-        arr[y0:y0 + m, x0:x0 + m] = c.astype(np.uint8)
-        return
-    if style != "dots" or x0 % 2 or y0 % 2:
-        raise ValueError((style, x0, y0))
-    pat = np.empty((m, m, 3))
-    pat[:] = dot_partner(PALETTE[colour])
-    pat[::2, ::2] = c
-    w = np.ones((m, m, 1))
-    w[0], w[-1], w[:, 0], w[:, -1] = 0.5, 0.5, 0.5, 0.5
-    g = np.array(GREY, float)
-    arr[y0:y0 + m, x0:x0 + m] = np.round(g + (pat - g) * w).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------ 3D
+# ------------------------------------------------------------------------------------------ ray caster
+GROUND = (96, 96, 96)       # the ground plane (the sky is black)
 LIGHT = np.array([0.45, 0.3, 1.0]) / np.linalg.norm([0.45, 0.3, 1.0])
 
 
@@ -156,7 +108,7 @@ def raycast(objs, eye, d):
     return np.clip(np.round(shade), 0, 255).astype(np.uint8), ids
 
 
-# ------------------------------------------------------------------------------------------ 3D scenes
+# ------------------------------------------------------------------------------------------ scenes
 CAM = {"dist": 7.0, "fov_deg": 40.0}   # every 3D view: this far from the scene centre, this field of view
 
 
@@ -205,23 +157,71 @@ def render3d(objs, size, views):
     return out
 
 
-# ------------------------------------------------------------------------------------------ video file
-def save_video(frames, path, fps=2):
-    """Frames → video file with PyAV: h264 (libx264) when available, else mpeg4. Returns the codec."""
-    import av
-    for codec in ("libx264", "h264", "mpeg4"):
-        try:
-            av.codec.Codec(codec, "w")
-            break
-        except Exception:  # noqa: BLE001 - unknown encoder
+# ------------------------------------------------------------------------------------------ task
+def generate(rng, qtype, ans, size, num_views, **_):
+    """(views, question, info): num_views views around one scene, redrawn until the answer is unambiguous."""
+    V, s2 = num_views, (size / 64) ** 2
+    for _attempt in range(400):
+        el, az0 = rng.uniform(18, 26), rng.uniform(0, 360)
+        views = [(az0 + 360 * v / V, el) for v in range(V)]
+        if qtype == "count":
+            n, hv = int(ans), rng.randrange(V)   # hv: the view in which one object is hidden
+            occ, hid = random_object(rng, tall=True), random_object(rng, small=True)
+            a, rr = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.6)
+            occ["pos"] = (rr * math.cos(a), rr * math.sin(a))
+            away, dd = math.radians(views[hv][0] + 180), rng.uniform(0.8, 1.05)
+            hid["pos"] = (occ["pos"][0] + dd * math.cos(away), occ["pos"][1] + dd * math.sin(away))
+            if box_gap(occ, hid["pos"]) < hid["size"] + 0.05:
+                continue
+            objs = [occ, hid]
+        else:
+            n, objs = rng.randint(2, 4), []
+        ok = True
+        while len(objs) < n and ok:
+            ob = random_object(rng)
+            ok = place3d(rng, ob, objs)
+            objs.append(ob)
+        if not ok:
             continue
-    with av.open(path, mode="w") as container:
-        st = container.add_stream(codec, rate=fps)
-        st.width, st.height = frames[0].size
-        st.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            st.options = {"crf": "12"}
-        for im in frames:
-            container.mux(st.encode(av.VideoFrame.from_image(im.convert("RGB"))))
-        container.mux(st.encode(None))
-    return codec
+        for ob, c in zip(objs, rng.sample(COLOURS, n)):
+            ob["colour"] = c
+        rend = render3d(objs, size, views)
+        px = np.array([[int((ids == k).sum()) for k in range(n)] for _, _, ids in rend])   # [view, obj]
+        info = {"objects": objs, "views": views, "pixels": px.tolist()}
+        if qtype == "count":
+            if px[hv, 1] == 0 and (px.max(0) >= 12 * s2).all():
+                return [Image.fromarray(r) for _, r, _ in rend], "How many objects are in the scene?", info
+            continue
+        eye, _, ids0 = rend[0]
+        vis = [k for k in range(n) if px[0, k] >= 25 * s2]
+        if qtype == "left_right":
+            if len(vis) < 2:
+                continue
+            a, b = rng.sample(vis, 2)
+            cx = [project(eye, *views[0], CAM["dist"], (*objs[k]["pos"], 0.3), size, CAM["fov_deg"])[0] for k in (a, b)]
+            mx = [np.nonzero(ids0 == k)[1].mean() for k in (a, b)]
+            if abs(cx[0] - cx[1]) < 6 * math.sqrt(s2) or (cx[0] - cx[1]) * (mx[0] - mx[1]) <= 0 \
+                    or abs(mx[0] - mx[1]) < 4 * math.sqrt(s2):
+                continue
+            if (cx[0] < cx[1]) != (ans == "left"):
+                a, b = b, a
+            q = f"In the first view, is the {objs[a]['colour']} object left or right of the {objs[b]['colour']} object?"
+            return [Image.fromarray(r) for _, r, _ in rend], q, info
+        # nearest to the camera of the first view: a clear margin in depth and on screen
+        dist = [math.dist(eye, (*ob["pos"], 0.3)) for ob in objs]
+        order = np.argsort(dist)
+        k = int(order[0])
+        if dist[order[1]] - dist[k] < 0.6 or k not in vis:
+            continue
+        low = [np.nonzero(ids0 == j)[0].max() if px[0, j] else -1 for j in range(n)]
+        if any(low[k] < low[j] + 2 * math.sqrt(s2) for j in range(n) if j != k):
+            continue
+        cur = objs[k]["colour"]           # swap colours so that the nearest one has the answer colour
+        for ob in objs:
+            if ob["colour"] == ans:
+                ob["colour"] = cur
+        objs[k]["colour"] = ans
+        rend = render3d(objs, size, views)
+        q = "In the first view, what colour is the object nearest to the camera?"
+        return [Image.fromarray(r) for _, r, _ in rend], q, info
+    raise RuntimeError("3d scene rejection failed")
