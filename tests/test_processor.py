@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from minterleave import media  # noqa: E402
+from minterleave.config import special_tokens  # noqa: E402
 from minterleave.processor import Processor  # noqa: E402
 from tiny_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, write_tokenizer_files  # noqa: E402
 
@@ -98,7 +99,7 @@ def test_chat_template_matches_transformers(proc, hf, conv, gen):
 
 
 def test_chat_template_documented_strings_and_extensions(proc):
-    # reference/checkpoints.md §3.3
+    # the strings the official template renders
     assert proc.apply_chat_template(CONVERSATIONS[0]) == (
         "<|im_start|>user\n<image>\nWhat are these?<|im_end|>\n<|im_start|>assistant\n")
     assert proc.apply_chat_template(
@@ -107,12 +108,64 @@ def test_chat_template_documented_strings_and_extensions(proc):
          {"role": "user", "content": [TXT("More?")]}]) == (
         "<|im_start|>user\n<image><image>\nWhat is the difference?<|im_end|>\n<|im_start|>assistant\n"
         "\nA cat.<|im_end|>\n<|im_start|>user\n\nMore?<|im_end|>\n<|im_start|>assistant\n")
-    # extensions: plain-string content = one text item; video items render as <video>, media in order
-    assert proc.apply_chat_template([{"role": "user", "content": "hi"}]) == \
-        proc.apply_chat_template([{"role": "user", "content": [TXT("hi")]}])
+    # extensions: plain-string content renders verbatim (Qwen2's template, LLaVA's training layout), with
+    # its placeholders where they stand; video items render as <video>, media in order
+    assert proc.apply_chat_template([{"role": "user", "content": "<image>\nhi"}]) == \
+        "<|im_start|>user\n<image>\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert proc.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                                    add_generation_prompt=False) == \
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
     assert proc.apply_chat_template(
         [{"role": "user", "content": [TXT("Q"), {"type": "video"}, IMG]}], add_generation_prompt=False
     ) == "<|im_start|>user\n<video><image>\nQ<|im_end|>\n"
+
+
+# ---------------------------------------------------------------------- ids + label mask (training)
+
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+def test_encode_chat_ids_and_labels_match_transformers_assistant_mask(proc, hf, conv):
+    """encode_chat's ids are LlavaProcessor's for the same conversation and images, and its labels cover
+    exactly the tokens transformers' return_assistant_tokens_mask marks, plus each assistant turn's <|im_end|>."""
+    messages = CONVERSATIONS[conv]
+    n_img = sum(c.get("type") == "image" for m in messages for c in m["content"])
+    images = [_rng_image(30 + 7 * i, 40, i) for i in range(n_img)]
+    it = iter(images)
+    with_pixels = [{"role": m["role"], "content": [dict(c, image=next(it)) if c.get("type") == "image" else c
+                                                   for c in m["content"]]} for m in messages]
+    ref = hf.apply_chat_template(with_pixels, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                 add_generation_prompt=False, return_tensors="pt")
+    ours = proc.encode_chat(messages, images=images)
+    ids = ours["input_ids"].tolist()
+    assert ids == ref["input_ids"][0].tolist()
+    if images:
+        assert torch.equal(ours["pixel_values"], ref["pixel_values"])
+    hf_mask = [bool(x) for x in ref["assistant_masks"][0].tolist()]
+    im_end = proc.tokenizer.token_to_id("<|im_end|>")
+    closing = [False] * len(ids)  # the <|im_end|> that closes an assistant turn
+    for i, tok in enumerate(ids):
+        if tok == im_end:
+            opened = max(j for j in range(i) if ids[j] == proc.tokenizer.token_to_id("<|im_start|>"))
+            closing[i] = proc.decode(ids[opened + 1:i], skip_special_tokens=False).startswith("assistant\n")
+    expect = [m or c for m, c in zip(hf_mask, closing)]
+    labels = ours["labels"].tolist()
+    assert [lab != -100 for lab in labels] == expect
+    assert all(lab == tok for lab, tok in zip(labels, ids) if lab != -100)
+    assert any(expect) == any(m["role"] == "assistant" for m in messages)
+
+
+def test_encode_chat_string_content_supervises_answer_and_im_end(proc):
+    out = proc.encode_chat([{"role": "user", "content": "<image>\nWhat is it?"},
+                            {"role": "assistant", "content": "A red square."}], images=[_rng_image(20, 20)])
+    ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
+    assert proc.decode(ids, skip_special_tokens=False) == proc.apply_chat_template(
+        [{"role": "user", "content": "<image>" * TPI + "\nWhat is it?"},
+         {"role": "assistant", "content": "A red square."}], add_generation_prompt=False)
+    supervised = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert proc.decode(supervised, skip_special_tokens=False) == "A red square.<|im_end|>"
+    prompt = proc.apply_chat_template([{"role": "user", "content": "<image>\nWhat is it?"}])
+    n_prompt = len(proc(prompt, images=[_rng_image(20, 20)])["input_ids"][0])
+    assert ids[n_prompt:n_prompt + 3] == supervised[:3]  # the answer starts where generation starts
+    assert out["pixel_values"].shape == (1, 3, S, S)
 
 
 # ------------------------------------------------------------------------------ ids and pixels
@@ -143,9 +196,11 @@ def test_input_ids_and_pixels_match_llava_processor(proc, hf):
 def test_attributes(proc, tiny_dir):
     info = write_tokenizer_files(tiny_dir / "again", image_size=S, patch_size=PATCH)
     assert proc.image_token_id == info["image_token_id"]
-    assert proc.eos_token_ids == [info["eos_token_id"], info["pad_token_id"]]
+    # the stop ids are generation_config.json's (as transformers' generate uses them), read in one place
+    assert proc.eos_token_ids == [info["eos_token_id"]] == special_tokens(tiny_dir)["eos"]
     assert proc.pad_token_id == info["pad_token_id"]
-    assert (proc.image_size, proc.tokens_per_image, proc.max_length) == (S, TPI, None)
+    # no config.json: the context comes from tokenizer_config.json's model_max_length
+    assert (proc.image_size, proc.tokens_per_image, proc.max_length) == (S, TPI, 32768)
 
 
 MODES = ["RGB", "L", "RGBA", "LA", "P", "P+transparency", "CMYK", "1", "I;16"]
@@ -300,8 +355,8 @@ def test_processor_video_file_and_array(proc, clip):
     first = ids.index(proc.image_token_id)
     assert ids[first:first + 4 * TPI] == [proc.image_token_id] * (4 * TPI)  # consecutive, no separator
     assert ids.count(proc.image_token_id) == 4 * TPI
-    assert proc.last_video_frame_indices == [[0, 7, 14, 22]]
-    assert proc.last_video_timestamps == [pytest.approx([0.0, 0.7, 1.4, 2.2])]
+    _, idx, times = proc.video_frames(clip, 4)
+    assert idx == [0, 7, 14, 22] and times == pytest.approx([0.0, 0.7, 1.4, 2.2])
     frames, _ = media.load_video(clip, 4)
     ref = np.stack([proc.image_pixels(f) for f in frames])
     assert np.abs(out["pixel_values"].numpy() - ref).max() == 0
@@ -313,10 +368,11 @@ def test_processor_video_file_and_array(proc, clip):
     arr = np.stack([np.full((20, 24, 3), i, np.uint8) for i in range(30)])
     out = proc("<image><video>\nQ", images=[arr[0]], videos=[arr], num_frames=8)
     assert out["pixel_values"].shape == (9, 3, S, S)
-    assert proc.last_video_frame_indices == [np.linspace(0, 29, 8).astype(int).tolist()]
-    assert proc.last_video_timestamps == [None]
+    frames, idx, times = proc.video_frames(arr, 8)
+    assert idx == np.linspace(0, 29, 8).astype(int).tolist() and times is None
+    assert torch.equal(out["pixel_values"][1:], torch.from_numpy(np.stack([proc.image_pixels(f) for f in frames])))
     out = proc("<video>", videos=[arr[:5]], num_frames=8)  # shorter than num_frames: used as-is
-    assert out["pixel_values"].shape == (5, 3, S, S) and proc.last_video_frame_indices == [[0, 1, 2, 3, 4]]
+    assert out["pixel_values"].shape == (5, 3, S, S) and proc.video_frames(arr[:5], 8)[1] == [0, 1, 2, 3, 4]
 
 
 def test_default_num_frames_from_config(tmp_path, clip):
@@ -462,9 +518,12 @@ def test_from_config_json_only_and_context_limit(tmp_path, tiny_dir):
     p = Processor.from_pretrained(tmp_path)
     assert (p.image_size, p.tokens_per_image, p.max_length) == (56, 15, 40)
     im_end = p.tokenizer.token_to_id("<|im_end|>")
-    assert p.eos_token_ids == [7, 8, im_end, p.tokenizer.token_to_id("<|endoftext|>")]
+    assert p.eos_token_ids == [7, 8]  # generation_config.json wins over tokenizer_config's eos_token
+    (tmp_path / "generation_config.json").unlink()
+    assert Processor.from_pretrained(tmp_path).eos_token_ids == [im_end]
     assert p("<image>" * 2, images=[_rng_image(9, 9)] * 2)["input_ids"].shape == (1, 30)
     with pytest.raises(ValueError, match="prompt is 45 tokens long .* context is 40 tokens"):
         p("<image>" * 3, images=[_rng_image(9, 9)] * 3)
-    with pytest.raises(ValueError, match="no tokenizer.json"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Processor.from_pretrained(tmp_path / "empty")
