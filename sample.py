@@ -5,6 +5,7 @@
     python sample.py --model DIR --video clip.mp4 --frames 8 --prompt "What happens?"
     python sample.py --model DIR --views v0.png v1.png v2.png --prompt "How many objects?"
     python sample.py --model DIR --image big.png --multi-patch --prompt "What is written?"
+    python sample.py --model llava-hf/llava-interleave-qwen-0.5b-hf --image a.png  # a hub id (fetched once)
 
 The prompt may place media itself with `<image>` / `<video>` placeholders (filled in the
 order given: --image files, then --views, then --video); without placeholders every medium goes
@@ -24,22 +25,28 @@ BUNDLED = os.path.join(HERE, "weights", "minterleave-tiny")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=BUNDLED, help="checkpoint folder (default: the bundled tiny model)")
+    p.add_argument("--model", default=BUNDLED,
+                   help="checkpoint folder or hub id, e.g. llava-hf/llava-interleave-qwen-0.5b-hf (default: the "
+                        "bundled tiny model, %(default)s)")
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable, in order)")
     p.add_argument("--video", help="a video file (frames sampled uniformly)")
-    p.add_argument("--frames", type=int, default=None, help="frames to sample from --video (default: checkpoint's, else 16)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames to sample from --video (default: the checkpoint's num_frames, else 16)")
     p.add_argument("--views", nargs="+", default=[], help="views of one 3D scene (one image each)")
     p.add_argument("--multi-patch", action="store_true", help="tile the single --image AnyRes-style (overview + tiles)")
-    p.add_argument("--prompt", default=None, help="the question; may contain <image>/<video> placeholders")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt", default=None, help="the question; may contain <image>/<video> placeholders "
+                                                  "(default: the one-question-per-domain tour, or 'Describe what you see.')")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute dtype (default: %(default)s)")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only decoder weights (faster CPU decoding, small logit drift)")
+                   help="int8 weight-only decoder weights (faster CPU decoding, small logit drift; default: off)")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"],
                    help="attention backend (default: triton on CUDA, sdpa elsewhere)")
     return p.parse_args(argv)
@@ -58,18 +65,18 @@ def build_prompt(proc, question, n_images, has_video):
 def main(argv=None):
     args = parse_args(argv)
     import minterleave as mi
+    from minterleave import hub
     from minterleave.demo import run_demo, stream_answer
 
     if args.attn:
         mi.set_backend(args.attn)
-    if not os.path.isdir(args.model):
-        raise ValueError(f"{args.model}: checkpoint folder not found (train one with train.py or pass --model)")
-    model = mi.Model.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    path = hub.resolve(args.model)  # a folder, or a hub id fetched once into the hub cache
+    model = mi.Model.from_pretrained(path, device=args.device, dtype=args.dtype)
     if args.quantize == "int8":
         from minterleave.quantize import quantize_int8
         quantize_int8(model)
     model.prepare_for_inference()  # packed decoder weights for CPU decoding (packing.py)
-    proc = mi.Processor.from_pretrained(args.model)
+    proc = mi.Processor.from_pretrained(path)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed)
     media = args.image or args.views or args.video

@@ -1,7 +1,7 @@
 """Hand-written Triton kernels.
 
-    from kernels.flash_attention import flash_attention, is_available
+    from minterleave.kernels.flash_attention import flash_attention, is_available
 
 (Deliberately no re-export here: `from .flash_attention import flash_attention` would
-shadow the submodule `kernels.flash_attention` with the function of the same name.)
+shadow the submodule `minterleave.kernels.flash_attention` with the function of the same name.)
 """

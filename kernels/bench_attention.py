@@ -1,7 +1,7 @@
 """Benchmark kernels/flash_attention.py against torch's scaled_dot_product_attention.
 
-    python -m kernels.bench_attention                 # CUDA, bf16, the model's shapes
-    python -m kernels.bench_attention --interpret     # CPU smoke run of one tiny shape
+    python -m minterleave.kernels.bench_attention              # CUDA, bf16, the model's shapes
+    python -m minterleave.kernels.bench_attention --interpret  # CPU smoke run of one tiny shape
 
 FLOP convention (as in the FlashAttention papers): forward = 4 * B * H * Tq * Tk * D
 (two matmuls, 2 flops per multiply-add), halved when causal; backward = 2.5x forward
@@ -47,7 +47,7 @@ def _timer(fn, repeats, warmup, device):
 
 def run(device="cuda", dtype=torch.bfloat16, repeats=20, warmup=5, shapes=None):
     """Time fwd and fwd+bwd of flash_attention and SDPA; returns one dict per (shape, pass)."""
-    from kernels.flash_attention import flash_attention
+    from .flash_attention import flash_attention
 
     shapes = SHAPES if shapes is None else shapes
     rows = []
@@ -100,7 +100,7 @@ def main(argv=None):
     if args.interpret:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("--interpret: triton was already imported without TRITON_INTERPRET=1; "
-                  "run `TRITON_INTERPRET=1 python -m kernels.bench_attention --interpret`")
+                  "run `TRITON_INTERPRET=1 python -m minterleave.kernels.bench_attention --interpret`")
             return 1
         os.environ["TRITON_INTERPRET"] = "1"  # before the first `import triton`
         rows = run("cpu", torch.float32, repeats=1, warmup=0, shapes=TINY)
@@ -110,7 +110,7 @@ def main(argv=None):
               "(use --interpret for a CPU smoke run of the kernel).")
         return 0
     else:
-        from kernels.flash_attention import is_available
+        from .flash_attention import is_available
         if not is_available():
             print("bench_attention: triton is not installed or misconfigured (TRITON_INTERPRET?)")
             return 1

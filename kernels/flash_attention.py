@@ -138,7 +138,7 @@ else:
 
 
 # Launch settings per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), by padded head dim,
-# for fp16/bf16, measured on an H200 with `python -m kernels.tune_attention` (README, "The Triton
+# for fp16/bf16, measured on an H200 with `python -m minterleave.kernels.tune_attention` (README, "The Triton
 # kernel"). fp32 tiles take twice the shared memory: at head dim 128 the tuned ones would need
 # 458 KB (the H200 has 227 KB per block), so fp32 gets smaller ones there (they fit; not tuned).
 CONFIGS = {

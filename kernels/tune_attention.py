@@ -1,7 +1,7 @@
 """Choose the Triton kernel's launch settings on a GPU (fills flash_attention.CONFIGS).
 
-    python -m kernels.tune_attention [--dtype bfloat16] [--budget-s 300] [--json tune.json]
-    python -m kernels.tune_attention --interpret   # CPU smoke run: tiny shape, two candidates each
+    python -m minterleave.kernels.tune_attention [--dtype bfloat16] [--budget-s 300] [--json tune.json]
+    python -m minterleave.kernels.tune_attention --interpret   # CPU smoke run: tiny shape, two candidates each
 
 For each of the benchmark's shapes (kernels/bench_attention.py) and each kernel, every candidate
 (BLOCK_M, BLOCK_N, num_warps, num_stages) is timed (median of CUDA-event timings):
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--interpret", action="store_true",
                    help="no GPU: run the sweep's logic on CPU under TRITON_INTERPRET=1 (timings meaningless)")
     args = p.parse_args(argv)
-    from kernels.bench_attention import SHAPES, TINY, _timer
+    from .bench_attention import SHAPES, TINY, _timer
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before the first `import triton`
         device, dtype, shapes, n_cand = "cpu", torch.float32, TINY, 2
@@ -47,7 +47,7 @@ def main(argv=None):
         print("tune_attention: CUDA is not available (use --interpret for a CPU smoke run)")
         return 1
     import triton
-    from kernels import flash_attention as fa
+    from . import flash_attention as fa
     if args.interpret and not fa.INTERPRET:
         print("--interpret: triton was already imported without TRITON_INTERPRET=1")
         return 1

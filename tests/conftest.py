@@ -1,5 +1,4 @@
 import os
-import sys
 
 # the interpreter must be chosen before triton is first imported (CPU machines have no GPU)
 try:
@@ -8,7 +7,3 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
-
-HERE = os.path.dirname(__file__)
-sys.path.insert(0, HERE)  # tests import their helpers (tiny_model, tiny_tokenizer) by name
-sys.path.insert(0, os.path.dirname(HERE))  # the repo root: minterleave, kernels

@@ -17,8 +17,7 @@ if not torch.cuda.is_available():
 import pytest
 
 pytest.importorskip("triton")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-import kernels.flash_attention as fa  # noqa: E402
+import minterleave.kernels.flash_attention as fa  # noqa: E402
 
 IN_PROCESS = fa.INTERPRET and not fa._MIXED  # the CPU checks can run in this process
 cpu_only = pytest.mark.skipif(not IN_PROCESS, reason="interpreter unavailable in-process; "
