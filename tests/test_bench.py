@@ -70,7 +70,7 @@ def test_tune_attention_interpreter_smoke(tmp_path):
     """The tuner's sweep logic runs on a CPU (tiny shape, two candidates per kernel, interpreter)."""
     out = tmp_path / "tune.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "kernels.tune_attention", "--interpret", "--repeats", "1",
+    run = subprocess.run([sys.executable, "-m", "minterleave.kernels.tune_attention", "--interpret", "--repeats", "1",
                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads(out.read_text())

@@ -239,7 +239,7 @@ def test_official_05b_shape(tmp_path):
 
 def test_triton_backend_matches_naive(reference):
     """The whole model with the hand-written kernel (interpreted on a CPU) against the reference math."""
-    from kernels import flash_attention
+    from minterleave.kernels import flash_attention
     if not flash_attention.is_available():
         pytest.skip("triton kernel unavailable (no triton, or imported without TRITON_INTERPRET on CPU)")
     hf, dirs = reference
