@@ -61,8 +61,8 @@ def run_demo(model, proc, generate_kwargs, model_name="the model", out_dir="samp
         write(f"[{domain}] {shown}\n  inputs: {', '.join(videos or files)}")
         t0 = time.time()
         write("  answer: ", end="")
-        text, _, _, _ = stream_answer(model, proc, prompt_for(question), images, videos, len(sample.images),
-                                      domain == "multi_patch", **generate_kwargs)
+        text, _, _, _ = stream_answer(model, proc, prompt_for(proc, question), images, videos, len(sample.images),
+                                      sample.multi_patch, **generate_kwargs)
         ok = text.strip().lower() == sample.answer.lower()
         correct += ok
         write(f"  expected: {sample.answer}  ({'right' if ok else 'wrong'}; chance {sample.chance:.2f}; "

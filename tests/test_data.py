@@ -44,7 +44,7 @@ def test_only_the_answer_and_im_end_are_supervised(proc, domain):
     assert item["pixel_values"].shape == (n_img, 3, S, S)
     ids = item["input_ids"].tolist()
     assert ids.count(proc.image_token_id) == n_img * TPI
-    prompt = proc(data.prompt_for(smp), images=smp.images, multi_patch=domain == "multi_patch")
+    prompt = proc(data.prompt_for(proc, smp), images=smp.images, multi_patch=domain == "multi_patch")
     k = prompt["input_ids"].shape[1]
     assert ids[:k] == prompt["input_ids"][0].tolist()
     assert torch.equal(item["pixel_values"], prompt["pixel_values"])
@@ -55,7 +55,7 @@ def test_front_placement_prompt_equals_the_chat_template(proc):
     smp = tasks.make_sample("3d", 1, placement="front")
     q = smp.question.split("\n", 1)[1]
     messages = [{"role": "user", "content": [{"type": "image"}] * len(smp.images) + [{"type": "text", "text": q}]}]
-    assert data.prompt_for(smp) == proc.apply_chat_template(messages)
+    assert data.prompt_for(proc, smp) == proc.apply_chat_template(messages)
 
 
 def test_multi_turn_record_supervises_every_answer(proc, dataset_dir):

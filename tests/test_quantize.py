@@ -52,7 +52,7 @@ def test_packed_bf16_decoder_is_bit_identical(tmp_path):
     plain = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
     if not can_pack(plain.decoder.norm.weight):
         pytest.skip("oneDNN weight packing is not available in this torch build")
-    packed = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference()
+    packed = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference(path)
     assert isinstance(packed.decoder.layers[0].mlp.gate_up_proj, PackedLinear)
     assert isinstance(packed.decoder.lm_head, PackedLinear)
     ids, pixels = interleaved_prompt(hf, n_images=2)
@@ -68,7 +68,7 @@ def test_tied_bf16_head_is_packed_and_embedding_rows_come_from_the_file(tmp_path
     plain = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
     if not can_pack(plain.decoder.norm.weight):
         pytest.skip("oneDNN weight packing is not available in this torch build")
-    packed = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference()
+    packed = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference(path)
     assert isinstance(packed.decoder.lm_head, PackedLinear)
     assert isinstance(packed.decoder.embed_tokens, FileEmbedding)  # the packed head is the only copy
     ids, pixels = interleaved_prompt(hf, n_images=2)
@@ -80,8 +80,11 @@ def test_tied_bf16_head_is_packed_and_embedding_rows_come_from_the_file(tmp_path
     edited = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
     with torch.no_grad():
         edited.decoder.embed_tokens.weight[3] += 1
-    edited.prepare_for_inference()
+    edited.prepare_for_inference(path)
     assert isinstance(edited.decoder.embed_tokens, torch.nn.Embedding) and edited.decoder.lm_head is None
+    # without the checkpoint folder the tied head stays unpacked: nothing says where the rows lie on disk
+    unknown = mi.Model.from_pretrained(path, dtype=torch.bfloat16).prepare_for_inference()
+    assert isinstance(unknown.decoder.embed_tokens, torch.nn.Embedding) and unknown.decoder.lm_head is None
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -92,7 +95,7 @@ def test_fp32_packed_decoder_keeps_greedy_tokens(tmp_path, tied):
     plain = mi.Model.from_pretrained(path)
     if not can_pack(plain.decoder.norm.weight):
         pytest.skip("oneDNN weight packing is not available in this torch build")
-    fast = mi.Model.from_pretrained(path).prepare_for_inference()
+    fast = mi.Model.from_pretrained(path).prepare_for_inference(path)
     assert isinstance(fast.decoder.layers[0].self_attn.qkv_proj, PackedLinear)
     assert isinstance(fast.decoder.lm_head, PackedLinear)
     assert isinstance(fast.decoder.embed_tokens, FileEmbedding if tied else torch.nn.Embedding)
