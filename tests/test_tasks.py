@@ -25,19 +25,20 @@ from minterleave.tasks.render import COLOURS, GREY
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "minterleave-tiny")
 
-N_PER_QTYPE = {"multi_image": 400, "video": 400, "3d": 400, "multi_patch": 400}
+N_PER_QTYPE = 400   # samples of each question type in the per-domain tests
 
 
 @functools.lru_cache(maxsize=None)
 def samples(domain):
     """Consecutive seeds: N_PER_QTYPE samples of each question type."""
-    n = N_PER_QTYPE[domain] * len(tasks.QTYPES[domain])
+    n = N_PER_QTYPE * len(tasks.QTYPES[domain])
     return tuple(tasks.make_sample(domain, s) for s in range(n))
 
 
 def bare(question):
     """The question without its image placeholders / labels (which come before or after it)."""
-    return " ".join(re.sub(r"(?:(?:Image|Frame|View)(?: \d+)?: )?<image>", " ", question).split())
+    labels = "|".join({m.LABEL for m in tasks.DOMAINS.values()})
+    return " ".join(re.sub(rf"(?:(?:{labels})(?: \d+)?: )?<image>", " ", question).split())
 
 
 # ------------------------------------------------------------------ pixel oracles (no text, no info)
@@ -172,7 +173,7 @@ def test_sample_shape(domain):
         first = s.question.startswith(bare(s.question))
         assert first == (s.qtype in tasks.QUESTION_FIRST) and s.question.endswith("<image>") == first
         assert s.placement == ("front" if "\n" in s.question else "interleaved")
-        if domain == "multi_patch":
+        if s.multi_patch:
             assert len(s.images) == 1 and s.images[0].size == (128, 128)
         else:
             assert all(im.size == (64, 64) and im.mode == "RGB" for im in s.images)
@@ -280,12 +281,13 @@ def test_multi_patch_mark_lost_in_overview_but_kept_in_tiles():
 
 
 def test_records(tmp_path):
-    recs = tasks.write_dataset(str(tmp_path / "train.json"), "all", 16, seed=0, out_dir=str(tmp_path),
+    n = 4 * len(tasks.DOMAINS)
+    recs = tasks.write_dataset(str(tmp_path / "train.json"), "all", n, seed=0, out_dir=str(tmp_path),
                                write_video=True)
     assert json.load(open(tmp_path / "train.json")) == recs
     assert Counter(r["metadata"]["domain"] for r in recs) == {d: 4 for d in tasks.DOMAINS}
     assert {r["metadata"]["placement"] for r in recs} == {"front", "interleaved"}
-    assert len({r["id"] for r in recs}) == 16
+    assert len({r["id"] for r in recs}) == n
     for r in recs:
         assert set(r) >= {"id", "image", "conversations", "metadata"}
         (h, g) = r["conversations"]
@@ -293,6 +295,8 @@ def test_records(tmp_path):
         assert h["value"].count("<image>") == len(r["image"]) >= 1
         assert g["value"] in tasks.choices(r["metadata"]["domain"], r["metadata"]["question_type"])
         assert r["metadata"]["dataset"] == "minterleave-synthetic"
+        tiled = getattr(tasks.DOMAINS[r["metadata"]["domain"]], "MULTI_PATCH", False)
+        assert r.get("multi_patch", False) == tiled and ("multi_patch" in r) == tiled
         for p in r["image"]:
             assert not os.path.isabs(p) and Image.open(tmp_path / p).size[0] in (64, 128)
         if r["metadata"]["domain"] == "video":
@@ -305,7 +309,7 @@ def test_records(tmp_path):
         else:
             assert "video" not in r
     # the same call again gives the same records; another seed gives other files
-    again = tasks.make_records("all", 16, 0, str(tmp_path))
+    again = tasks.make_records("all", n, 0, str(tmp_path))
     assert again == [{k: v for k, v in r.items() if k != "video"} for r in recs]
     other = tasks.make_records("video", 2, 1, str(tmp_path), placement="front")
     assert not set(other[0]["image"]) & {p for r in recs for p in r["image"]}
@@ -322,6 +326,7 @@ def test_domains_are_listed_once_and_every_table_reads_them():
     assert set(tasks.CHANCE) == {(d, q) for d in tasks.DOMAINS for q in tasks.QTYPES[d]}
     assert tasks.CHANCE["video", "order"] == 0.5 and tasks.CHANCE["multi_image", "spot_diff"] == 0.25
     assert tasks.QUESTION_FIRST == ("which_image",)
+    assert [d for d, m in tasks.DOMAINS.items() if getattr(m, "MULTI_PATCH", False)] == ["multi_patch"]
     assert tasks.DEFAULTS == {"num_images": 3, "num_frames": 4, "num_views": 3, "mark": "dots"}
     assert tasks.choices("multi_image", "which_image", num_images=5) == ("1", "2", "3", "4", "5")
     with pytest.raises(ValueError, match="'toy' not in"):

@@ -12,8 +12,9 @@ so consecutive seeds are exactly balanced; the rest is drawn from `random.Random
 
 A domain module provides LABEL (the word before each image: "Image 1: <image>"), QTYPES, choices(qtype,
 **opts) and generate(rng, qtype, answer, size, **opts) -> (images, question, info); optionally DEFAULTS
-(its options), QUESTION_FIRST (question types asked before their images) and CHANCE ({qtype: accuracy of
-a blind guess} where that is not 1 / number of choices). DOMAINS below is the one list of domains; the
+(its options), QUESTION_FIRST (question types asked before their images), CHANCE ({qtype: accuracy of a
+blind guess} where that is not 1 / number of choices) and MULTI_PATCH (True: its one large image goes
+through the processor's multi-patch tiling). DOMAINS below is the one list of domains; the
 tables QTYPES, CHANCE, QUESTION_FIRST and DEFAULTS are read from it whenever they are used, so adding a
 domain is its module plus one line there (docs/adding-a-domain.md).
 """
@@ -78,6 +79,7 @@ class Sample:
     domain: str
     placement: str        # "front" | "interleaved"
     info: dict = field(default_factory=dict)   # generator ground truth (for tests / debugging)
+    multi_patch: bool = False   # its one large image goes through the processor's multi-patch tiling
 
 
 def make_sample(domain, seed, image_size=64, placement=None, **opts):
@@ -101,7 +103,8 @@ def make_sample(domain, seed, image_size=64, placement=None, **opts):
     else:
         raise ValueError(placement)
     text = q + sep + shown if qtype in getattr(m, "QUESTION_FIRST", ()) else shown + sep + q
-    return Sample(images, text, ans, list(ch), chance(domain, qtype, **o), qtype, domain, placement, info)
+    return Sample(images, text, ans, list(ch), chance(domain, qtype, **o), qtype, domain, placement, info,
+                  getattr(m, "MULTI_PATCH", False))
 
 
 def sample_seed(seed, index):
@@ -128,6 +131,8 @@ def make_records(domain, n, seed, out_dir, image_size=64, write_video=False, pla
                "conversations": [{"from": "human", "value": smp.question}, {"from": "gpt", "value": smp.answer}],
                "metadata": {"dataset": "minterleave-synthetic", "domain": dom, "question_type": smp.qtype,
                             "chance": smp.chance, "placement": smp.placement, "seed": ss}}
+        if smp.multi_patch:   # the record says so itself (data.py reads it)
+            rec["multi_patch"] = True
         if write_video and dom == "video":
             rel = f"video/{ss:06d}.mp4"
             save_video(smp.images, os.path.join(out_dir, rel))

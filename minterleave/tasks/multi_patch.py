@@ -14,6 +14,7 @@ from .render import COLOURS, GREY, SHAPES, draw_mark, free_pos, render_2d
 LABEL = "Image"
 QTYPES = ("quadrant", "mark_colour")
 DEFAULTS = {"mark": "dots"}    # or "solid"
+MULTI_PATCH = True             # the processor tiles the image (an overview plus full-resolution tiles)
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
