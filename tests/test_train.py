@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minterleave as mi
-from minterleave import data, streams, tasks
+from minterleave import checkpoint, data, scoring, streams, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -84,11 +84,33 @@ def test_checkpoint_layout_and_files(trained):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
               "preprocessor_config.json", "processor_config.json", "generation_config.json", "train_log.jsonl"):
         assert f in names, f
-    assert os.path.isfile(os.path.join(trained, train.STATE_JSON))
-    assert os.path.isfile(os.path.join(trained, train.STATE_TENSORS))
     assert not os.path.exists(trained + ".tmp") and not os.path.exists(trained + ".old")
-    with open(os.path.join(trained, train.STATE_TENSORS), "rb") as f:
-        assert f.read(8) and True  # a safetensors file (checked by the resume test loading it)
+    assert json.load(open(os.path.join(trained, checkpoint.STATE_JSON)))["step"] == 2
+    # the optimizer state: both AdamW moments of every parameter (by its name), its step, and the RNG
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(trained, checkpoint.STATE_TENSORS))
+    params = dict(mi.Model.from_pretrained(trained).named_parameters())
+    for kind in ("exp_avg", "exp_avg_sq", "step"):
+        assert {k.split("/", 1)[1] for k in state if k.startswith(kind + "/")} == set(params), kind
+    for name, p in params.items():
+        assert state[f"exp_avg/{name}"].shape == p.shape and state[f"exp_avg/{name}"].abs().sum() > 0, name
+    assert "rng/torch" in state
+
+
+def test_logged_loss_is_the_models_own_loss_of_the_global_batch(tmp_path):
+    """train.py's loss is Model.forward(labels=...) over all supervised tokens of the step: two micro-batches
+    of 4 (gradient accumulation) log the mean loss of one batch of 8 under the initial weights."""
+    out = str(tmp_path / "run")
+    argv = FAST + ["--domain", "all", "--max-steps", "1", "--grad-accum", "2", "--out", out]
+    train.main(argv)
+    args = train.parse_args(argv)
+    model, _ = train.build_model(args, str(tmp_path / "assets"))
+    proc = mi.Processor.from_pretrained(str(tmp_path / "assets"))
+    stream, _ = train.make_stream(args, proc, model.cfg)
+    b = data.collate([stream(g) for g in range(8)], proc.pad_token_id)
+    with torch.no_grad():
+        _, loss = model(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"], labels=b["labels"])
+    assert abs(log(out)[0]["loss"] - loss.item()) < 1e-5 * loss.item(), (log(out)[0]["loss"], loss.item())
 
 
 def test_checkpoint_logits_equal_in_minterleave_and_transformers(trained):
@@ -97,7 +119,7 @@ def test_checkpoint_logits_equal_in_minterleave_and_transformers(trained):
     proc = mi.Processor.from_pretrained(trained)
     hf = LlavaForConditionalGeneration.from_pretrained(trained, dtype=torch.float32).eval()
     smp = tasks.make_sample("video", 3)
-    inputs = proc(data.prompt_for(smp), images=smp.images)
+    inputs = proc(data.prompt_for(proc, smp), images=smp.images)
     with torch.no_grad():
         ours = model(**inputs)
         ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
@@ -110,7 +132,7 @@ def test_save_is_atomic_and_resume_continues_exactly(tmp_path):
     args = FAST + ["--domain", "all", "--max-steps", "6", "--seed", "2"]
     train.main(args + ["--out", full])
     train.main(args + ["--out", cut, "--stop-at", "3", "--save-every", "100"])
-    state = json.load(open(os.path.join(cut, train.STATE_JSON)))
+    state = json.load(open(os.path.join(cut, checkpoint.STATE_JSON)))
     assert state["step"] == 3 and state["samples"] == 12
     # a crash while the next checkpoint was being written leaves a partial .tmp: it is ignored
     os.makedirs(cut + ".tmp")
@@ -134,7 +156,7 @@ def test_resume_falls_back_to_the_old_checkpoint(tmp_path):
     train.main(args + ["--out", out, "--stop-at", "2"])
     os.rename(out, out + ".old")  # the moment between the two renames of a save
     train.main(args + ["--out", out, "--resume"])
-    assert json.load(open(os.path.join(out, train.STATE_JSON)))["step"] == 4
+    assert json.load(open(os.path.join(out, checkpoint.STATE_JSON)))["step"] == 4
 
 
 def test_trains_on_m4_instruct_json_and_fine_tunes_a_checkpoint(trained, tmp_path):
@@ -193,7 +215,7 @@ needs_bundled = pytest.mark.skipif(not os.path.isfile(os.path.join(BUNDLED, "mod
 def test_bundled_checkpoint_is_small_and_complete():
     size = sum(os.path.getsize(os.path.join(BUNDLED, f)) for f in os.listdir(BUNDLED))
     assert size <= 10 * 2 ** 20, size
-    assert not os.path.exists(os.path.join(BUNDLED, train.STATE_DIR))
+    assert not os.path.exists(os.path.join(BUNDLED, checkpoint.STATE_DIR))
 
 
 @needs_bundled
@@ -203,7 +225,7 @@ def test_bundled_checkpoint_loads_in_minterleave_and_transformers_with_equal_log
     proc = mi.Processor.from_pretrained(BUNDLED)
     hf = LlavaForConditionalGeneration.from_pretrained(BUNDLED, dtype=torch.float32).eval()
     smp = tasks.make_sample("multi_patch", 11)
-    inputs = proc(data.prompt_for(smp), images=smp.images, multi_patch=True)
+    inputs = proc(data.prompt_for(proc, smp), images=smp.images, multi_patch=True)
     with torch.no_grad():
         ours = model(**inputs)
         ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
@@ -216,7 +238,6 @@ def test_bundled_checkpoint_loads_in_minterleave_and_transformers_with_equal_log
 def test_accuracy_table_in_weights_readme_is_what_eval_measures():
     """weights/README.md's table is the output of its eval command (deterministic: same numbers)."""
     import re
-    import eval as evaluate
     with open(os.path.join(os.path.dirname(BUNDLED), "README.md")) as f:
         readme = f.read()
     with open(os.path.join(ROOT, "README.md")) as f:
@@ -234,5 +255,5 @@ def test_accuracy_table_in_weights_readme_is_what_eval_measures():
     model = mi.Model.from_pretrained(BUNDLED)
     proc = mi.Processor.from_pretrained(BUNDLED)
     for d in tasks.DOMAINS:
-        res = evaluate.evaluate_synthetic(model, proc, d, n, seed)
+        res = scoring.evaluate_synthetic(model, proc, d, n, seed)
         assert (round(res["accuracy"], 3), round(res["chance"], 3)) == table[d], (d, res["accuracy"], table[d])
