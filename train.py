@@ -27,7 +27,6 @@ model alone (no optimizer state; --export-dtype) when training ends.
 
 import argparse
 import contextlib
-import functools
 import math
 import os
 import shutil
@@ -144,17 +143,6 @@ def preset_dict(args):
     return p
 
 
-@functools.lru_cache(maxsize=None)
-def task_corpus(n_per_domain=60, seed=0):
-    """Question + answer lines of the synthetic tasks (tokenizer training text for the bundled model)."""
-    lines = []
-    for d in tasks.DOMAINS:
-        for k in range(n_per_domain):
-            s = tasks.make_sample(d, data.train_seed(seed, k))
-            lines += [s.question.replace("<image>", " "), s.answer, " ".join(s.choices)]
-    return tuple(lines * 4)
-
-
 def build_model(args, assets):
     """The model to train, and its tokenizer/processor files written into `assets`: a checkpoint's own
     (--init, --resume) or, from scratch, a new tokenizer and a preset architecture."""
@@ -166,7 +154,7 @@ def build_model(args, assets):
         return mi.Model.from_pretrained(src, dtype=torch.float32), src
     p = preset_dict(args)
     info = write_tokenizer_files(assets, vocab_size=p["vocab"], image_size=p["image_size"], patch_size=p["patch_size"],
-                                 num_frames=p["num_frames"], extra_corpus=task_corpus(), model_max_length=p["max_pos"])
+                                 num_frames=p["num_frames"], extra_corpus=tasks.corpus(), model_max_length=p["max_pos"])
     vision = VisionConfig(hidden_size=p["v_hidden"], intermediate_size=p["v_inter"], num_layers=p["v_layers"],
                           num_heads=p["v_heads"], image_size=p["image_size"], patch_size=p["patch_size"])
     text = TextConfig(vocab_size=info["vocab_size"], hidden_size=p["hidden"], intermediate_size=p["inter"],

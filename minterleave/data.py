@@ -174,7 +174,7 @@ def sample_turns(sample):
 def encode_sample(proc, sample):
     """A synthetic tasks.Sample (in-memory images) → encoded tensors, same layout as a record."""
     return encode_conversation(proc, sample_turns(sample), sample.images, (),
-                               multi_patch=sample.domain == "multi_patch", name=f"{sample.domain} sample")
+                               multi_patch=sample.multi_patch, name=f"{sample.domain} sample")
 
 
 def prompt_for(proc, sample_or_question):

@@ -25,6 +25,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from .config import DEFAULT_NUM_FRAMES
+
 BICUBIC = 3
 
 # lmms-lab llava-next-interleave `image_grid_pinpoints` [[384,768],[768,384],[768,768],[1152,384],[384,1152]]
@@ -147,7 +149,7 @@ def sample_indices(n_frames, k):
     return np.linspace(0, n_frames - 1, k).astype(int).tolist()
 
 
-def load_video(path, num_frames=16):
+def load_video(path, num_frames=DEFAULT_NUM_FRAMES):
     """Decode K = num_frames uniformly sampled frames of a video file with PyAV.
 
     Returns (frames uint8 (K,H,W,3) RGB, timestamps: list of K presentation times in seconds).

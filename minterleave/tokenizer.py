@@ -18,6 +18,8 @@ questions and answers as `extra_corpus`; the tests use it for their tiny checkpo
 import json
 import os
 
+from .config import tokens_per_image
+
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
 
@@ -29,10 +31,11 @@ QWEN_SPLIT_REGEX = (
     r"""|\s+(?!\S)|\s+"""
 )
 
-# The llava-hf/llava-interleave-qwen-*-hf chat template. It renders exactly as documented in
-# reference/checkpoints.md §3.3 (images of a turn first, then "\n" + each text; no system prompt);
-# `{% generation %}` only marks assistant text for return_assistant_tokens_mask. Written with
-# indent=2 this file is 699 bytes, the size of the hub's chat_template.json.
+# The llava-hf/llava-interleave-qwen-*-hf chat template, written into chat_template.json so that
+# transformers renders the checkpoint's conversations as the hub files do (images of a turn first, then
+# "\n" + each text; no system prompt); `{% generation %}` marks assistant text for
+# return_assistant_tokens_mask. minterleave itself renders with Processor._render (tests check the two
+# agree). Written with indent=2 this file is 699 bytes, the size of the hub's chat_template.json.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{# Render all images first #}"
@@ -183,5 +186,5 @@ def write_tokenizer_files(directory, vocab_size=512, image_size=28, patch_size=1
         "pad_token_id": ids["<|endoftext|>"],
         "bos_token_id": ids["<|endoftext|>"],
         "im_start_id": ids["<|im_start|>"],
-        "tokens_per_image": (image_size // patch_size) ** 2,
+        "tokens_per_image": tokens_per_image(image_size, patch_size),
     }

@@ -381,12 +381,10 @@ def test_a_new_domain_is_its_module_plus_one_line_and_trains(tmp_path, monkeypat
     monkeypatch.syspath_prepend(ROOT)
     import train
     out, threads = str(tmp_path / "ckpt"), torch.get_num_threads()
-    train.task_corpus.cache_clear()   # the tokenizer's text now includes the toy's questions
-    try:
+    try:  # (the tokenizer's text, tasks.corpus(), now includes the toy's questions)
         train.main(["--preset", "test", "--domain", "toy", "--max-steps", "2", "--batch-size", "2",
                     "--log-every", "1", "--out", out, "--threads", "1"])
     finally:
-        train.task_corpus.cache_clear()   # and later tests get theirs without it
         torch.set_num_threads(threads)
     with open(os.path.join(out, "train_log.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]

@@ -19,6 +19,7 @@ tables QTYPES, CHANCE, QUESTION_FIRST and DEFAULTS are read from it whenever the
 domain is its module plus one line there (docs/adding-a-domain.md).
 """
 
+import functools
 import json
 import os
 import random
@@ -105,6 +106,23 @@ def make_sample(domain, seed, image_size=64, placement=None, **opts):
     text = q + sep + shown if qtype in getattr(m, "QUESTION_FIRST", ()) else shown + sep + q
     return Sample(images, text, ans, list(ch), chance(domain, qtype, **o), qtype, domain, placement, info,
                   getattr(m, "MULTI_PATCH", False))
+
+
+def corpus(n_per_domain=60, seed=0):
+    """Question, answer and choice lines of the synthetic tasks (training text for a tokenizer that knows their
+    words; train.py builds the bundled model's tokenizer from it). Cached per set of domains."""
+    return _corpus(tuple(DOMAINS), n_per_domain, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _corpus(domains, n_per_domain, seed):
+    from ..data import train_seed  # training-range seeds, as the training stream uses
+    lines = []
+    for d in domains:
+        for k in range(n_per_domain):
+            s = make_sample(d, train_seed(seed, k))
+            lines += [s.question.replace("<image>", " "), s.answer, " ".join(s.choices)]
+    return tuple(lines * 4)
 
 
 def sample_seed(seed, index):
