@@ -1,62 +1,117 @@
-"""bench.py runs end to end on a tiny checkpoint and reports every metric for both implementations.
+"""bench.py runs end to end on a tiny checkpoint and its numbers are consistent with each other.
 
-Speed is never asserted here (the machine is shared and numbers are noisy); only that every
-number is there, finite and positive, and that the side-by-side bookkeeping adds up.
+Speed is never asserted (the machine is shared and numbers are noisy). What is checked would be wrong if
+the bookkeeping were: every metric the README table reads is in the JSON; ratios are the quotients of the
+medians; prefill tok/s x time to first token is the prompt's token count (images included); bytes read per
+decoded token are the decoder's parameter bytes counted from the checkpoint file; GB/s = bytes x tok/s
+/ 1e9; the printed table shows the JSON's numbers on rows labelled with the right units.
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+
+import torch
+import transformers
+from safetensors.torch import load_file
 
 from tiny_model import hf_model, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = (["load_s", "load_rss_gb", "peak_rss_gb", "ttft_s", "decode_tok_s", "decode_gbs", "decode_bw_frac"]
            + [f"vision_{k}img_s" for k in (1, 4, 8)] + [f"prefill_{k}img_tok_s" for k in (1, 4, 8)])
+TEXT_TOKENS = 25  # bench.py's prompt: 5 text tokens, the images, 20 text tokens
+# metric -> the label (with its unit) of its row in the printed table, as the README quotes them
+LABELS = {"decode_tok_s": "decode, 8 greedy tokens (tok/s)", "decode_gbs": "decode parameter bandwidth (GB/s)",
+          "ttft_s": f"time to first token, 1 image + {TEXT_TOKENS} text tokens (s)",
+          "prefill_1img_tok_s": "prefill, 1 image(s) (tok/s)", "prefill_8img_tok_s": "prefill, 8 image(s) (tok/s)",
+          "vision_1img_s": "vision tower + projector, 1 image(s) (s)",
+          "vision_4img_s": "vision tower + projector, 4 image(s) (s)",
+          "peak_rss_gb": "peak RSS after all measurements (GB)", "load_s": "load time (s)"}
 
 
 def positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_bench_quick_on_tiny_checkpoint(tmp_path):
-    path = save_checkpoint(hf_model(seed=1), str(tmp_path / "ckpt"))
-    out = tmp_path / "out.json"
+def bench(path, out, *args):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", path, "--quick",
-                          "--fp32-images", "1,4,8", "--json", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          "--json", str(out), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "| dtype | metric |" in run.stdout  # the markdown table
-    res = json.loads(out.read_text())
-    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] and res["machine"]["transformers"]
+    return run.stdout, json.loads(out.read_text())
+
+
+def decoder_bytes_per_token(path, dtype):
+    """What one decode step reads, counted from the file: every decoder layer, the final norm and the
+    output head (the embedding matrix when tied); not the vision tower, projector or embedding lookup."""
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    head = next(n for n in ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")
+                if n in tensors)
+    read = [n for n in tensors if n.startswith("language_model.model.layers.")]
+    numel = sum(tensors[n].numel() for n in read + ["language_model.model.norm.weight", head])
+    return numel * torch.finfo(getattr(torch, dtype)).bits // 8
+
+
+def table_row(stdout, dtype, label):
+    """(minterleave, transformers, ratio) cells of the printed row."""
+    rows = [line for line in stdout.splitlines() if line.startswith(f"| {dtype} | {label} |")]
+    assert len(rows) == 1, (dtype, label, rows)
+    return tuple(c.strip() for c in rows[0].split("|")[3:6])
+
+
+def test_bench_quick_on_tiny_checkpoint(tmp_path):
+    # GQA (4 query heads, 2 key/value heads) and a tied head: both change the bytes per token
+    path = save_checkpoint(hf_model(seed=1), str(tmp_path / "ckpt"))
+    stdout, res = bench(path, tmp_path / "out.json", "--fp32-images", "1,4,8")
+    assert "| dtype | metric | minterleave | transformers | ratio mi/tf | better |" in stdout
+    m = res["machine"]
+    assert (m["cores"], m["torch"], m["transformers"]) == (os.cpu_count(), torch.__version__,
+                                                          transformers.__version__)
+    assert res["model"] == path and res["args"]["new_tokens"] == 8 and res["args"]["repeats"] == 1  # --quick
     assert positive(res["bandwidth"]["read_gbs"])
+    assert res["bandwidth"]["read_gbs"] == max(res["bandwidth"]["sum_fp32_gbs"], res["bandwidth"]["gemv_bf16_gbs"])
+    with open(os.path.join(path, "config.json")) as f:
+        vision = json.load(f)["vision_config"]
+    prompt_tokens = TEXT_TOKENS + (vision["image_size"] // vision["patch_size"]) ** 2  # "full": every patch
     assert set(res["results"]) == {"bfloat16", "float32"}
     for dtype, r in res["results"].items():
+        nbytes = res["decode_bytes_per_token"][dtype]
+        assert nbytes == decoder_bytes_per_token(path, dtype), dtype
         for impl in ("minterleave", "transformers"):
-            missing = [m for m in METRICS if m not in r[impl]]
+            x = r[impl]
+            missing = [k for k in METRICS if k not in x]
             assert not missing, f"{dtype} {impl}: no {missing}"
-            bad = {m: r[impl][m] for m in METRICS if not positive(r[impl][m])}
+            bad = {k: x[k] for k in METRICS if not positive(x[k])}
             assert not bad, f"{dtype} {impl}: not positive numbers: {bad}"
-            assert r[impl]["peak_rss_gb"] >= r[impl]["load_rss_gb"]
-            assert math.isclose(r[impl]["decode_bw_frac"] * res["bandwidth"]["read_gbs"], r[impl]["decode_gbs"])
-        for m in METRICS:
-            assert math.isclose(r["ratio"][m], r["minterleave"][m] / r["transformers"][m])
+            assert x["peak_rss_gb"] >= x["load_rss_gb"]
+            # one sample each with --quick, from the same request: the median is that sample
+            assert math.isclose(x["prefill_1img_tok_s"] * x["ttft_s"], prompt_tokens), (dtype, impl)
+            assert math.isclose(x["decode_gbs"], nbytes * x["decode_tok_s"] / 1e9)
+            assert math.isclose(x["decode_bw_frac"] * res["bandwidth"]["read_gbs"], x["decode_gbs"])
+        assert set(r["ratio"]) == set(r["minterleave"])
+        for k in METRICS:
+            assert math.isclose(r["ratio"][k], r["minterleave"][k] / r["transformers"][k])
+        for k, label in LABELS.items():
+            assert table_row(stdout, dtype, label) == (f"{r['minterleave'][k]:.3g}", f"{r['transformers'][k]:.3g}",
+                                                       f"{r['ratio'][k]:.2f}x"), (dtype, k)
         assert isinstance(r["same_greedy_tokens"], bool)
+        assert f"| {dtype} | same greedy tokens | {r['same_greedy_tokens']} |" in stdout
     assert res["results"]["float32"]["same_greedy_tokens"]  # same weights, greedy, same count of tokens
 
 
 def test_bench_only_minterleave(tmp_path):
     path = save_checkpoint(hf_model(seed=2), str(tmp_path / "ckpt"))
-    out = tmp_path / "out.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", path, "--quick",
-                          "--only", "minterleave", "--dtypes", "bfloat16", "--json", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    r = json.loads(out.read_text())["results"]["bfloat16"]
-    assert "transformers" not in r and "ratio" not in r
-    assert all(positive(r["minterleave"][m]) for m in METRICS)
+    stdout, res = bench(path, tmp_path / "out.json", "--only", "minterleave", "--dtypes", "bfloat16")
+    assert set(res["results"]) == {"bfloat16"}
+    r = res["results"]["bfloat16"]
+    assert set(r) == {"minterleave"}  # no transformers, no ratio, no token comparison
+    assert all(positive(r["minterleave"][k]) for k in METRICS)
+    assert table_row(stdout, "bfloat16", LABELS["decode_tok_s"]) == (f"{r['minterleave']['decode_tok_s']:.3g}",
+                                                                     "-", "-")
+    assert "same greedy tokens" not in stdout
 
 
 def test_bench_attention_forwards_to_the_kernel_benchmark():
