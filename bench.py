@@ -114,7 +114,7 @@ def worker(impl, path, dtype_name, spec):
             model = mi.Model.from_pretrained(path, dtype=dtype)
             if spec.get("quantize") == "int8":
                 quantize_int8(model)
-            return model.prepare_for_inference()  # packed bf16 decoder weights on a CPU
+            return model.prepare_for_inference(path)  # packed bf16 decoder weights on a CPU
     else:
         from transformers import LlavaForConditionalGeneration
         load = lambda: LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()  # noqa: E731
@@ -298,33 +298,38 @@ def table(results, info, bw, args, path, seconds):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    sys.path.insert(0, ROOT)
     if argv[:1] == ["attention"]:
-        from kernels.bench_attention import main as bench_attention
+        from minterleave.kernels.bench_attention import main as bench_attention
         return bench_attention(argv[1:])
     if argv[:1] == ["_worker"]:
         return worker(*argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help=f"checkpoint folder (default: random 0.5B weights in {DEFAULT_MODEL})")
-    p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of loading and of the 1-image measurements")
-    p.add_argument("--heavy-repeats", type=int, default=1, help="repeats of the 4- and 8-image measurements")
-    p.add_argument("--images", default="1,4,8", help="image counts for the vision tower and prefill")
-    p.add_argument("--fp32-images", default="1", help="the same in float32 (each image costs ~4x bf16)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="dtypes to run, in order (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="repeats of loading and of the 1-image measurements (default: %(default)s)")
+    p.add_argument("--heavy-repeats", type=int, default=1,
+                   help="repeats of the 4- and 8-image measurements (default: %(default)s)")
+    p.add_argument("--images", default="1,4,8",
+                   help="image counts for the vision tower and prefill (default: %(default)s)")
+    p.add_argument("--fp32-images", default="1",
+                   help="the same in float32, where each image costs ~4x bf16 (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to decode (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: %(default)s, torch's own choice)")
     p.add_argument("--quick", action="store_true", help="one repeat of everything, 8 new tokens, 0.25 GB "
                    "bandwidth probe (for tests)")
-    p.add_argument("--only", choices=["minterleave"], help="skip transformers")
-    p.add_argument("--quantize", choices=["int8"], help="minterleave with int8 weight-only decoder weights")
-    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--only", choices=["minterleave"], help="skip transformers (default: both side by side)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="minterleave with int8 weight-only decoder weights (default: off)")
+    p.add_argument("--json", help="write the results to this file (default: print only)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.heavy_repeats, args.new_tokens = 1, 1, 8
     if args.new_tokens < 2 or args.repeats < 1:
         p.error("--new-tokens must be at least 2 (decode speed needs two stamps) and --repeats at least 1")
+    from minterleave import hub
     from minterleave.config import load_config
-    path = args.model or DEFAULT_MODEL
+    path = hub.resolve(args.model) if args.model else DEFAULT_MODEL  # a hub id: its folder in the hub cache
     if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
         build_default_checkpoint(path)
     cfg = load_config(path)

@@ -91,9 +91,10 @@ def to_markdown(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="q, k, v dtype (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per case, median reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before them (default: %(default)s)")
     p.add_argument("--interpret", action="store_true",
                    help="no GPU: run one tiny shape on CPU under TRITON_INTERPRET=1 (smoke test)")
     args = p.parse_args(argv)

@@ -30,10 +30,12 @@ CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--budget-s", type=float, default=300, help="stop starting new kernels' sweeps after this")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", help="write every timing to this file")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="q, k, v dtype (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=300,
+                   help="stop starting new kernels' sweeps after this many seconds (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per candidate, median used (default: %(default)s)")
+    p.add_argument("--json", help="write every timing to this file (default: print only)")
     p.add_argument("--interpret", action="store_true",
                    help="no GPU: run the sweep's logic on CPU under TRITON_INTERPRET=1 (timings meaningless)")
     args = p.parse_args(argv)

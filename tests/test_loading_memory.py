@@ -18,11 +18,9 @@ import minterleave as mi
 from minterleave.config import ModelConfig, TextConfig, VisionConfig, to_llava_hf_dict
 from minterleave.weights import save_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEASURE = """
-import sys, torch
-sys.path.insert(0, {root!r})
+import torch
 import minterleave as mi
 def hwm_kb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
@@ -50,7 +48,7 @@ def medium_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_rss_while_loading(medium_checkpoint, dtype):
-    code = MEASURE.format(root=ROOT, path=medium_checkpoint, dtype=dtype)
+    code = MEASURE.format(path=medium_checkpoint, dtype=dtype)
     ratio = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  check=True).stdout.strip())
     print(f"{dtype}: peak RSS while loading = {ratio:.2f} x model size")

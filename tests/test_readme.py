@@ -14,18 +14,21 @@ def commands(prefix):
     return [line.strip() for line in README.splitlines() if line.startswith("    " + prefix)]
 
 
-def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
+def test_quick_start_is_two_commands_and_ci_runs_both():
     quick = README.split("## Quick start")[1].split("##")[0]
     cmds = [line.strip() for line in quick.splitlines() if line.startswith("    ")]
     assert len(cmds) == 2
-    run, test = cmds
-    assert run.endswith("python sample.py") and test.endswith("python -m pytest -q")
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    # CI performs the test command's set-up steps and the test command itself, in order
-    steps = [s.strip() for s in test.split("&&")][2:]  # after venv creation and activation
-    positions = [ci.find(s) for s in steps]
-    assert all(p >= 0 for p in positions), (steps, positions)
-    assert positions == sorted(positions)
+    run, test = ([s.strip() for s in c.split("&&")] for c in cmds)
+    assert run[-1] == "python sample.py" and test[-1] == "python -m pytest -q"
+    # the same set-up, the test one with the test extra: torch first, then this project, editable
+    assert run[:3] == test[:3] and run[2] == "pip install torch==2.13.0"
+    assert run[3] == "pip install -e ." and test[3] == 'pip install -e ".[test]"'
+    # CI runs every step of the test command in order, and the run command's sample.py after the install
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run")) if line.strip()
+          and not line.startswith("#")]
+    positions = [ci.index(step) if step in ci else -1 for step in test]
+    assert -1 not in positions and positions == sorted(positions), (test, ci)
+    assert positions[3] < ci.index(run[-1]), (run, ci)
 
 
 def test_layout_table_lists_every_module():
@@ -38,8 +41,6 @@ def test_layout_table_lists_every_module():
 
 
 def test_sample_examples_use_real_flags():
-    import sys
-    sys.path.insert(0, ROOT)
     import sample
     examples = commands("python sample.py")
     assert len(examples) >= 5

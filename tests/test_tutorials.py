@@ -9,7 +9,7 @@ after changing a notebook with
     python tests/test_tutorials.py                    # all notebooks, executed in place
     python tests/test_tutorials.py 03_decoder_and_cache.ipynb
 
-Needs nbclient, nbformat, ipykernel and matplotlib (requirements-test.txt).
+Needs nbclient, nbformat, ipykernel and matplotlib (the test extra: pip install -e ".[test]").
 """
 
 import glob
@@ -40,7 +40,7 @@ def _imports():
         import nbformat
     except ImportError as e:
         pytest.fail(f"the tutorial tests need {e.name}: pip install nbclient nbformat ipykernel matplotlib "
-                    "(they are in requirements-test.txt)")
+                    "(they are in the test extra: pip install -e \".[test]\")")
     return nbclient, nbformat
 
 
