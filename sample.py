@@ -34,8 +34,9 @@ def parse_args(argv=None):
                    help="frames to sample from --video (default: the checkpoint's num_frames, else 16)")
     p.add_argument("--views", nargs="+", default=[], help="views of one 3D scene (one image each)")
     p.add_argument("--multi-patch", action="store_true", help="tile the single --image AnyRes-style (overview + tiles)")
-    p.add_argument("--prompt", default=None, help="the question; may contain <image>/<video> placeholders "
-                                                  "(default: the one-question-per-domain tour, or 'Describe what you see.')")
+    p.add_argument("--prompt", default=None,
+                   help="the question; may contain <image>/<video> placeholders (default: the bundled model's "
+                        "one-question-per-domain tour without media, 'Describe what you see.' with them)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
@@ -75,7 +76,7 @@ def main(argv=None):
     if args.quantize == "int8":
         from minterleave.quantize import quantize_int8
         quantize_int8(model)
-    model.prepare_for_inference()  # packed decoder weights for CPU decoding (packing.py)
+    model.prepare_for_inference(path)  # packed decoder weights for CPU decoding (packing.py)
     proc = mi.Processor.from_pretrained(path)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed)
