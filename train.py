@@ -7,22 +7,15 @@
     torchrun --nproc_per_node 2 train.py ...                                           # DDP
     python train.py ... --resume                                   # continue out/... where it stopped
 
-Data: by default synthetic samples (minterleave.tasks) made on the fly from seeds, rendered at the model's
-image size; training seeds (data.train_seed, >= 1e9) never meet evaluation seeds (< 1e9). --domain all cycles
-the domains (--domain-weights repeats some). With --data, an M4-Instruct-style JSON (minterleave/data.py),
-reshuffled each epoch from --seed. The batches of step s are a pure function of (seed, s), so --workers,
+Data: synthetic samples (minterleave.tasks) made on the fly from training-range seeds, or an M4-Instruct-style
+JSON (--data; minterleave/data.py). The batches of step s are a pure function of (seed, s), so --workers,
 --resume and DDP all see the same samples (minterleave/streams.py).
-
-Loss: the model's own (Model.forward with labels; its parity with transformers, loss and gradients, is
-tests/test_loss_parity.py): cross-entropy on the assistant answers and their <|im_end|>, divided by the
-supervised tokens of the whole global batch (all micro-batches, all ranks: transformers' num_items_in_batch),
-so gradient accumulation and DDP give the update of one big batch. AdamW, linear warmup then cosine decay to
-lr * --min-lr-ratio, grad-norm clip. --patch-words adds the auxiliary loss of minterleave/tasks/patch_words.py.
-
-Output: --out DIR is a checkpoint folder in the llava-hf layout, loadable by minterleave and by transformers'
-LlavaForConditionalGeneration, with train_log.jsonl and the resume state (minterleave/checkpoint.py: written
-atomically, so an interruption at any point leaves a complete checkpoint). --export DIR2 writes the final
-model alone (no optimizer state; --export-dtype) when training ends.
+Loss: the model's own (Model.forward with labels, checked against transformers by tests/test_loss_parity.py),
+divided by the supervised tokens of the whole global batch (num_items_in_batch), so gradient accumulation and
+DDP give the update of one big batch; --patch-words adds minterleave/tasks/patch_words.py's auxiliary loss.
+AdamW, linear warmup then cosine decay to lr * --min-lr-ratio, grad-norm clip.
+Output: --out DIR, a llava-hf-layout checkpoint (minterleave and transformers load it) with train_log.jsonl and
+the resume state, written atomically (minterleave/checkpoint.py); --export DIR2 the bare model at the end.
 """
 
 import argparse
@@ -38,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import minterleave as mi
-from minterleave import checkpoint, data, scoring, streams, tasks
+from minterleave import checkpoint, data, hub, scoring, streams, tasks
 from minterleave.config import IGNORE_INDEX, ModelConfig, TextConfig, VisionConfig
 from minterleave.tasks import patch_words
 from minterleave.tokenizer import write_tokenizer_files
@@ -148,8 +141,7 @@ def build_model(args, assets):
     (--init, --resume) or, from scratch, a new tokenizer and a preset architecture."""
     src = checkpoint.find_latest(os.path.abspath(args.out)) if args.resume else args.init
     if src:
-        from minterleave.hub import resolve
-        src = resolve(src)  # a folder, or a hub id fetched into the hub cache
+        src = hub.resolve(src)  # a folder, or a hub id fetched into the hub cache
         checkpoint.copy_assets(src, assets)
         return mi.Model.from_pretrained(src, dtype=torch.float32), src
     p = preset_dict(args)
