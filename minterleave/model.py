@@ -129,7 +129,7 @@ class Model(nn.Module):
         supervised tokens of this call. Only the supervised positions go through the output head;
         return_logits=False skips the full (B, T, vocab) logits too and returns (None, loss): that is
         the training path. (The official models' head has 152,000 rows: 0.6 MB of fp32 logits per position, so
-        a one-image sample of 758 tokens holds 462 MB of logits on the full path, 10 MB for a 16-token answer
+        a one-image sample of 758 tokens holds 461 MB of logits on the full path, 10 MB for a 16-token answer
         on the lean one, and as much again for their gradients.)
         """
         B, T = input_ids.shape
