@@ -106,6 +106,18 @@ def test_batched_padding_equals_single(reference):
     assert (both[1] - b[0]).abs().max() <= 1e-5
 
 
+def test_a_misspelt_argument_is_a_type_error_naming_it(reference):
+    hf, dirs = reference
+    model = mi.Model.from_pretrained(dirs["llava-hf"])
+    ids, pixels = interleaved_prompt(hf, n_images=1)
+    with pytest.raises(TypeError, match="pixel_value"):
+        model(ids, pixel_value=pixels)
+    with pytest.raises(TypeError, match="max_new_token"):
+        model.generate(ids, pixels, max_new_token=3)
+    with pytest.raises(TypeError, match="image_sizes"):  # a key another processor returns is not ignored
+        model(ids, pixels, image_sizes=[(70, 70)])
+
+
 def test_image_count_mismatch_is_an_error(reference):
     hf, dirs = reference
     model = mi.Model.from_pretrained(dirs["llava-hf"])
