@@ -194,10 +194,11 @@ def evaluate_synthetic(model, proc, domain, n, seed=0, batch_size=16, max_new_to
     was_training = model.training
     model.eval()
     for start in range(0, n, batch_size):
-        smps = [tasks.make_sample(domain, tasks.sample_seed(seed, i), size)
+        # videos get the checkpoint's frame count, as in training (streams.SyntheticStream)
+        smps = [tasks.make_sample(domain, tasks.sample_seed(seed, i), size, num_frames=proc.num_frames)
                 for i in range(start, min(n, start + batch_size))]
-        prompts = [proc.apply_chat_template([{"role": "user", "content": s.question}]) for s in smps]
-        preds = answer_batch(model, proc, prompts, [im for s in smps for im in s.images], domain == "multi_patch",
+        prompts = [data.prompt_for(proc, s) for s in smps]
+        preds = answer_batch(model, proc, prompts, [im for s in smps for im in s.images], smps[0].multi_patch,
                              max_new_tokens)
         for s, p in zip(smps, preds):
             ok = exact_match(p, s.answer)
