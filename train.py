@@ -70,14 +70,14 @@ def parse_args(argv=None):
     p.add_argument("--video-mode", default="frames", choices=("frames", "video"),
                    help="--data records with both: use the frame list or decode the video")
     p.add_argument("--freeze", default="", help="comma list of parts to keep fixed: vision, projector")
-    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps in all (the schedule's length)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     p.add_argument("--warmup", type=int, default=100, help="warmup steps (linear from 0)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--patch-words", type=float, default=0.0, metavar="W",
                    help="weight of the auxiliary loss in which each patch feature of fresh grid scenes predicts the "
                         "words for its colour and shape (synthetic tasks; 0: off)")
@@ -92,11 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="save and stop after this step without ending the schedule (an interruption; resume later)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--eval-every", type=int, default=0, help="steps between quick accuracy checks (0: never)")
     p.add_argument("--eval-n", type=int, default=64, help="questions per domain in those checks")
     p.add_argument("--export", default=None, metavar="DIR", help="at the end, also write the bare model here")
-    p.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of --export")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: make batches in the loop)")
     args = p.parse_args(argv)

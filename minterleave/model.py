@@ -9,7 +9,6 @@ transformers' modeling_llava.py, whose logits this module reproduces.
 """
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -40,8 +39,6 @@ class Model(nn.Module):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
         path = hub.resolve(path)  # a folder, or a hub id fetched into the hub cache
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: not a checkpoint folder")
         cfg = load_config(path)
         where = weights.weight_files(path)  # fail on a folder without weights before allocating
         # build on the meta device, then allocate each parameter once, in the target dtype

@@ -8,8 +8,6 @@ References: Zhai et al. 2023 "Sigmoid Loss for Language Image Pre-Training" (Sig
 Dosovitskiy et al. 2020 (ViT); transformers' modeling_siglip.py for the exact layer order.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -13,9 +13,9 @@ import torch
 import minterleave as mi
 from minterleave import checkpoint, data, scoring, streams, tasks
 
+import train  # the repo root is on pytest's pythonpath (pytest.ini)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "weights", "minterleave-tiny")
 FAST = ["--preset", "test", "--batch-size", "4", "--log-every", "1", "--warmup", "2", "--lr", "5e-3"]
