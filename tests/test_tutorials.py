@@ -93,6 +93,52 @@ def test_committed_outputs_are_a_clean_top_to_bottom_run(name):
     assert not errors, f"{name}: committed with an error output: {errors[0].get('ename')}"
 
 
+def notebook_function(name, func):
+    """The source of `def func(...)` from a code cell of tutorials/<name>, to test it without the notebook."""
+    import ast
+    _, nbformat = _imports()
+    nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code" or f"def {func}(" not in cell.source:
+            continue
+        # IPython magics (%matplotlib ...) are not Python; blank them out, keeping the line numbers
+        src = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in cell.source.splitlines())
+        for node in ast.parse(src).body:
+            if isinstance(node, ast.FunctionDef) and node.name == func:
+                return ast.get_source_segment(src, node)
+    raise AssertionError(f"{name}: no code cell defines {func}()")
+
+
+def test_notebook_05_titles_show_each_question():
+    """Notebook 05 titles every sample with its question. The images and their labels ("Frame 2: <image>")
+    come after the question or, for question types asked first (tasks.QUESTION_FIRST), before it: the
+    title must be the question either way, never an empty string."""
+    from minterleave import tasks
+    name = "05_training_four_domains.ipynb"
+    ns = {"re": re}
+    exec(notebook_function(name, "question_text"), ns)
+    question_text = ns["question_text"]
+    assert tasks.QUESTION_FIRST, "no question type is asked before its images any more: this test lost its point"
+    for domain in tasks.DOMAINS:
+        for k, qtype in enumerate(tasks.QTYPES[domain]):
+            shown = {}
+            for placement in ("front", "interleaved"):
+                s = tasks.make_sample(domain, k, 32, placement=placement)
+                q = question_text(s)
+                assert q.endswith("?") and "<image>" not in q and ": " not in q, (domain, qtype, placement, q)
+                assert q in " ".join(s.question.split()), (s.question, q)
+                shown[placement] = q
+            assert shown["front"] == shown["interleaved"], (domain, qtype, shown)
+    # the committed outputs print the same titles as text: none of them has an empty question
+    _, nbformat = _imports()
+    nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
+    titles = [line for cell in nb.cells if cell.cell_type == "code" and "def question_text(" in cell.source
+              for line in _text(cell).splitlines()]
+    n_qtypes = sum(len(tasks.QTYPES[d]) for d in tasks.DOMAINS)
+    assert len(titles) == n_qtypes, f"{name}: expected one printed title per question type, got {titles}"
+    assert not [t for t in titles if "“”" in t or "<image>" in t], titles
+
+
 def write(names):
     """Execute the notebooks in place (committed outputs); prints the time each took."""
     _, nbformat = _imports()
