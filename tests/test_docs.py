@@ -352,3 +352,46 @@ def test_checkpoint_layouts_page_matches_the_loader(tmp_path):
     tower = KNOWN_VISION_TOWERS["google/siglip-so400m-patch14-384"]
     assert f"{tower.num_layers} layers, width {tower.hidden_size}, MLP {tower.intermediate_size}, " \
            f"{tower.num_heads} heads, {tower.image_size} px, patch {tower.patch_size}" in page
+
+
+def test_kernel_tuning_figures_are_the_recorded_runs():
+    """README's account of the tuning: candidate counts (tune.json) and the untuned speeds (baseline run)."""
+    import collections
+    section = " ".join(read("README.md").split("## Attention backends and the Triton kernel")[1].split("\n## ")[0].split())
+    runs = os.path.join(ROOT, "kernels", "gpu_runs")
+    with open(os.path.join(runs, "2026-11-30-tune", "tune.json")) as f:
+        counts = collections.Counter((r["kernel"], r["shape"]) for r in json.load(f))
+    per_kernel = {k: {n for (kk, _), n in counts.items() if kk == k} for k in ("fwd", "dkdv", "dq")}
+    assert all(len(v) == 1 for v in per_kernel.values()), per_kernel  # the same number at every shape
+    (fwd,), (dkdv,), (dq,) = per_kernel.values()
+    assert f"It times {fwd} forward and {dkdv} + {dq} backward candidates at each shape" in section
+    with open(os.path.join(runs, "2026-11-30-baseline", "bench_bf16.md")) as f:
+        speeds = [line.split("|")[9].strip() for line in f if "| fwd+bwd |" in line]
+    assert f"the first run measured fwd+bwd at {' / '.join(speeds)} of SDPA" in section
+    with open(os.path.join(runs, "2026-11-30-tuned", "gpu.txt")) as f:
+        machine = f.read()
+    gpu, = re.search(r"NVIDIA (\w+)", machine).groups()
+    torch_v, triton_v = re.search(r"torch (\S+) triton (\S+)", machine).groups()
+    assert f"on an NVIDIA {gpu}, torch {torch_v}, triton {triton_v}" in section
+    # SigLIP's head dim 72 in a 128-wide tile, and the ratios the prose sums up from the table
+    assert f"which wastes {round(100 * (1 - 72 / 128))}% of every matrix product" in section
+    table = re.findall(r"\| (SigLIP, 8 images|0\.5B prefill|7B prefill) \| \S+ \| \w+ \| (fwd\+bwd|fwd) \|"
+                       r"(?: [\d.]+ \|){4} ([\d.]+) \|", section)
+    decoder = [float(r) for name, _, r in table if name != "SigLIP, 8 images"]
+    siglip_fwd = [r for name, p, r in table if name == "SigLIP, 8 images" and p == "fwd"]
+    assert len(table) == 6, table
+    assert f"reach {min(decoder):.1f}–{max(decoder):.2f} of a production kernel" in section
+    assert f"keep it at {siglip_fwd[0]}" in section
+
+
+def test_readme_defaults_are_the_codes():
+    """The frame count and the multi-patch grids the README names are the code's defaults."""
+    from minterleave.config import DEFAULT_NUM_FRAMES
+    from minterleave.media import DEFAULT_PINPOINTS
+    main = " ".join(read("README.md").split())
+    assert f"else the checkpoint's `num_frames`, else {DEFAULT_NUM_FRAMES}" in main
+    grids = ", ".join(f"{w}×{h}" for w, h in DEFAULT_PINPOINTS[:-1]) + f" or {DEFAULT_PINPOINTS[-1][0]}×" \
+        f"{DEFAULT_PINPOINTS[-1][1]} tiles"
+    assert f"the best LLaVA-NeXT grid ({grids})" in main
+    page = " ".join(read("docs/data-flow.md").split())
+    assert f"else {DEFAULT_NUM_FRAMES}. Frames are sampled" in page
