@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minterleave as mi
-from minterleave import checkpoint, data, scoring, streams, tasks
+from minterleave import checkpoint, data, streams, tasks
 
 import train  # the repo root is on pytest's pythonpath (pytest.ini)
 
@@ -233,27 +233,3 @@ def test_bundled_checkpoint_loads_in_minterleave_and_transformers_with_equal_log
     assert err < 1e-3, err
     assert proc.decode(ours[0, -1:].argmax(-1)) == proc.decode(ref[0, -1:].argmax(-1))
 
-
-@needs_bundled
-def test_accuracy_table_in_weights_readme_is_what_eval_measures():
-    """weights/README.md's table is the output of its eval command (deterministic: same numbers)."""
-    import re
-    with open(os.path.join(os.path.dirname(BUNDLED), "README.md")) as f:
-        readme = f.read()
-    with open(os.path.join(ROOT, "README.md")) as f:
-        main_readme = f.read()
-    m = re.search(r"python eval\.py --model weights/minterleave-tiny --domain all --n (\d+) --seed (\d+)", readme)
-    assert m, "weights/README.md should give the eval command of its table"
-    n, seed = int(m.group(1)), int(m.group(2))
-    names = {"multi-image": "multi_image", "video": "video", "3D": "3d", "multi-patch": "multi_patch"}
-    table = {names[r[0]]: (float(r[1]), float(r[2]))
-             for r in re.findall(r"^\| (multi-image|video|3D|multi-patch) \| ([\d.]+) \| ([\d.]+) \|", readme, re.M)}
-    assert set(table) == set(tasks.DOMAINS), table
-    main_table = {names[r[0]]: (float(r[1]), float(r[2])) for r in
-                  re.findall(r"^\| (multi-image|video|3D|multi-patch) \| ([\d.]+) \| ([\d.]+) \|", main_readme, re.M)}
-    assert main_table == table, "README.md and weights/README.md disagree on the bundled model's accuracy"
-    model = mi.Model.from_pretrained(BUNDLED)
-    proc = mi.Processor.from_pretrained(BUNDLED)
-    for d in tasks.DOMAINS:
-        res = scoring.evaluate_synthetic(model, proc, d, n, seed)
-        assert (round(res["accuracy"], 3), round(res["chance"], 3)) == table[d], (d, res["accuracy"], table[d])
