@@ -32,24 +32,9 @@ import torch.distributed as dist
 
 import minterleave as mi
 from minterleave import checkpoint, data, hub, scoring, streams, tasks
-from minterleave.config import IGNORE_INDEX, ModelConfig, TextConfig, VisionConfig
+from minterleave.config import IGNORE_INDEX, PRESETS, preset, preset_config
 from minterleave.tasks import patch_words
 from minterleave.tokenizer import write_tokenizer_files
-
-# Model presets for training from scratch (--init loads a checkpoint's own architecture instead).
-PRESETS = {
-    # the bundled model. The synthetic tasks draw 64 px images (multi-patch: 128 px, tiled into 64 px
-    # quadrants); the processor resizes them to 96 px and the tower cuts 32 px patches, so an image is
-    # 3 x 3 = 9 tokens and each multi-image grid cell falls in exactly one patch. ~2.1M parameters.
-    "tiny": dict(image_size=96, patch_size=32, v_hidden=128, v_inter=384, v_layers=4, v_heads=4,
-                 hidden=128, inter=384, layers=4, heads=4, kv_heads=2, vocab=1000, rope_theta=10000.0,
-                 max_pos=2048, num_frames=4, pos_scale=0.5),
-    # a toy for tests: same image pipeline, one narrow layer each, trains in seconds
-    "test": dict(image_size=96, patch_size=32, v_hidden=32, v_inter=64, v_layers=1, v_heads=2,
-                 hidden=48, inter=96, layers=1, heads=4, kv_heads=2, vocab=600, rope_theta=10000.0,
-                 max_pos=2048, num_frames=4, pos_scale=0.5),
-}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -103,7 +88,7 @@ def parse_args(argv=None):
     try:  # check the weight specs and parts now, before anything is loaded
         streams.domain_cycle(args.domain, args.domain_weights)
         streams.qtype_cycles(args.qtype_weights)
-        preset_dict(args)
+        preset(args.preset, args.set)
     except ValueError as e:
         p.error(str(e))
     bad = [part for part in filter(None, args.freeze.split(",")) if part not in ("vision", "projector")]
@@ -126,16 +111,6 @@ def setup_distributed(args):
     return rank, world, torch.device(device)
 
 
-def preset_dict(args):
-    p = dict(PRESETS[args.preset])
-    for kv in filter(None, args.set.split(",")):
-        k, _, v = kv.partition("=")
-        if k not in p:
-            raise ValueError(f"--set: unknown preset field {k!r} (fields: {', '.join(p)})")
-        p[k] = type(p[k])(float(v)) if isinstance(p[k], int) else type(p[k])(v)
-    return p
-
-
 def build_model(args, assets):
     """The model to train, and its tokenizer/processor files written into `assets`: a checkpoint's own
     (--init, --resume) or, from scratch, a new tokenizer and a preset architecture."""
@@ -144,16 +119,11 @@ def build_model(args, assets):
         src = hub.resolve(src)  # a folder, or a hub id fetched into the hub cache
         checkpoint.copy_assets(src, assets)
         return mi.Model.from_pretrained(src, dtype=torch.float32), src
-    p = preset_dict(args)
+    p = preset(args.preset, args.set)
     info = write_tokenizer_files(assets, vocab_size=p["vocab"], image_size=p["image_size"], patch_size=p["patch_size"],
                                  num_frames=p["num_frames"], extra_corpus=tasks.corpus(), model_max_length=p["max_pos"])
-    vision = VisionConfig(hidden_size=p["v_hidden"], intermediate_size=p["v_inter"], num_layers=p["v_layers"],
-                          num_heads=p["v_heads"], image_size=p["image_size"], patch_size=p["patch_size"])
-    text = TextConfig(vocab_size=info["vocab_size"], hidden_size=p["hidden"], intermediate_size=p["inter"],
-                      num_layers=p["layers"], num_heads=p["heads"], num_kv_heads=p["kv_heads"],
-                      rope_theta=p["rope_theta"], max_position_embeddings=p["max_pos"], tie_word_embeddings=True)
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(vision=vision, text=text, image_token_id=info["image_token_id"])
+    cfg = preset_config(p, info["vocab_size"], info["image_token_id"])
     return mi.Model(cfg).init_weights(pos_scale=p["pos_scale"]), None
 
 

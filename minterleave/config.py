@@ -278,3 +278,40 @@ def to_llava_hf_dict(cfg: ModelConfig) -> dict:
             "max_position_embeddings": t.max_position_embeddings, "use_sliding_window": False,
             "tie_word_embeddings": t.tie_word_embeddings},
     }
+
+
+# Architectures for training from scratch (train.py --preset; --init takes a checkpoint's own instead), as
+# nanoGPT's model.py lists the GPT-2 sizes. vocab is the target size of the byte-level BPE trained with them.
+PRESETS = {
+    # the bundled model. The synthetic tasks draw 64 px images (multi-patch: 128 px, tiled into 64 px
+    # quadrants); the processor resizes them to 96 px and the tower cuts 32 px patches, so an image is
+    # 3 x 3 = 9 tokens and each multi-image grid cell falls in exactly one patch. ~2.1M parameters.
+    "tiny": dict(image_size=96, patch_size=32, v_hidden=128, v_inter=384, v_layers=4, v_heads=4,
+                 hidden=128, inter=384, layers=4, heads=4, kv_heads=2, vocab=1000, rope_theta=10000.0,
+                 max_pos=2048, num_frames=4, pos_scale=0.5),
+    # a toy for tests: same image pipeline, one narrow layer each, trains in seconds
+    "test": dict(image_size=96, patch_size=32, v_hidden=32, v_inter=64, v_layers=1, v_heads=2,
+                 hidden=48, inter=96, layers=1, heads=4, kv_heads=2, vocab=600, rope_theta=10000.0,
+                 max_pos=2048, num_frames=4, pos_scale=0.5),
+}
+
+
+def preset(name, overrides=""):
+    """PRESETS[name] with "k=v,..." overrides (train.py --set); ValueError naming an unknown field."""
+    p = dict(PRESETS[name])
+    for kv in filter(None, overrides.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in p:
+            raise ValueError(f"--set: unknown preset field {k!r} (fields: {', '.join(p)})")
+        p[k] = type(p[k])(float(v)) if isinstance(p[k], int) else type(p[k])(v)
+    return p
+
+
+def preset_config(p, vocab_size, image_token_id):
+    """The ModelConfig of a preset dict, for a tokenizer of vocab_size with this image token (tied head)."""
+    vision = VisionConfig(hidden_size=p["v_hidden"], intermediate_size=p["v_inter"], num_layers=p["v_layers"],
+                          num_heads=p["v_heads"], image_size=p["image_size"], patch_size=p["patch_size"])
+    text = TextConfig(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["inter"],
+                      num_layers=p["layers"], num_heads=p["heads"], num_kv_heads=p["kv_heads"],
+                      rope_theta=p["rope_theta"], max_position_embeddings=p["max_pos"], tie_word_embeddings=True)
+    return ModelConfig(vision=vision, text=text, image_token_id=image_token_id)
