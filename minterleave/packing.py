@@ -12,7 +12,7 @@ A tied head is the embedding matrix itself. Packing it would need a second, plai
 embedding lookup (311 MB in bf16 for the 0.5B model), so when the checkpoint file still holds
 exactly the embedding in memory (checked when packing), the lookup reads its few rows from that
 file instead (`FileEmbedding`) and the packed head holds the only copy in memory.
-`Model.prepare_for_inference()` swaps the layers; nothing else needs to know.
+`Model.prepare_for_inference(checkpoint)` swaps the layers; nothing else needs to know.
 """
 
 import numpy as np
@@ -88,8 +88,8 @@ def _linears(decoder):
 def pack_decoder(decoder, embedding_source=None):
     """Swap the decoder's linear layers for packed ones, in place; returns how many.
 
-    embedding_source: where the embedding matrix lies in the checkpoint file (weights.load_weights
-    records it), so that a tied head can be packed too."""
+    embedding_source: where the embedding matrix lies in the checkpoint file (weights.embedding_location),
+    so that a tied head can be packed too."""
     w = decoder.norm.weight
     if not can_pack(w):
         return 0
