@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 
 import minterleave as mi
-from minterleave import checkpoint, data, hub, scoring, streams, tasks
+from minterleave import checkpoint, cli, data, hub, scoring, streams, tasks
 from minterleave.config import IGNORE_INDEX, PRESETS, preset, preset_config
 from minterleave.tasks import patch_words
 from minterleave.tokenizer import write_tokenizer_files
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=type("Fmt", (argparse.RawDescriptionHelpFormatter,
                                                              argparse.ArgumentDefaultsHelpFormatter), {}))
     domains = tuple(tasks.DOMAINS) + ("all",)
@@ -84,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of --export")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: make batches in the loop)")
+    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps whose loss or gradient is NaN/Inf (a warning each) instead of stopping")
+    p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of --init weights")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
     try:  # check the weight specs and parts now, before anything is loaded
         streams.domain_cycle(args.domain, args.domain_weights)
@@ -114,11 +118,11 @@ def setup_distributed(args):
 def build_model(args, assets):
     """The model to train, and its tokenizer/processor files written into `assets`: a checkpoint's own
     (--init, --resume) or, from scratch, a new tokenizer and a preset architecture."""
-    src = checkpoint.find_latest(os.path.abspath(args.out)) if args.resume else args.init
+    src = os.path.abspath(args.out) if args.resume else args.init
     if src:
         src = hub.resolve(src)  # a folder, or a hub id fetched into the hub cache
         checkpoint.copy_assets(src, assets)
-        return mi.Model.from_pretrained(src, dtype=torch.float32), src
+        return mi.Model.from_pretrained(src, dtype=torch.float32, check_finite=not args.no_check_finite), src
     p = preset(args.preset, args.set)
     info = write_tokenizer_files(assets, vocab_size=p["vocab"], image_size=p["image_size"], patch_size=p["patch_size"],
                                  num_frames=p["num_frames"], extra_corpus=tasks.corpus(), model_max_length=p["max_pos"])
@@ -137,11 +141,8 @@ def make_stream(args, proc, cfg):
                                          cfg.vision.image_size, proc.num_frames, streams.qtype_cycles(args.qtype_weights))
     if not args.patch_words:
         return stream, None
-    try:
-        patch_words.check_grid(cfg)
-        return stream, patch_words.word_ids(proc)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    patch_words.check_grid(cfg)
+    return stream, patch_words.word_ids(proc)
 
 
 def lr_at(step, args):
@@ -176,7 +177,7 @@ def train_step(model, net, batches, scenes, args, world, device):
                 else contextlib.nullcontext())
     total, patch_total = torch.zeros((), device=device), torch.zeros((), device=device)
     for m, b in enumerate(batches):
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
         sync = contextlib.nullcontext() if world == 1 or m == len(batches) - 1 else net.no_sync()
         with sync, autocast:
             # DDP averages gradients over ranks: dividing by n_items / world makes that the global mean
@@ -201,11 +202,32 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     mi.set_backend(args.attn)
-    if not args.resume and master and checkpoint.find_latest(out):
-        raise SystemExit(f"{out} already holds a training checkpoint: add --resume, or choose another --out")
-    if args.resume and not checkpoint.find_latest(out):
-        raise SystemExit(f"--resume: no checkpoint with {checkpoint.STATE_JSON} in {out}")
+    check_out(args, out, master, world)
     assets = tempfile.mkdtemp(prefix="minterleave-assets-")
+    try:
+        return train(args, out, assets, rank, world, device)
+    finally:  # nothing half-written stays behind, whatever stopped the run
+        shutil.rmtree(assets, ignore_errors=True)
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def check_out(args, out, master, world):
+    """Refuse, before any work, an --out that cannot be written or whose checkpoint would be overwritten; with
+    --resume, put back the newest complete checkpoint a crash during a save may have left aside."""
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out {out}: cannot write there")
+    if master and args.resume and checkpoint.recover(out) is None:
+        raise FileNotFoundError(f"--resume: no complete training checkpoint in {out} (nor {out}.tmp / {out}.old)")
+    if master and not args.resume and checkpoint.find_latest(out):
+        raise ValueError(f"--out {out} already holds a training checkpoint: add --resume, or choose another --out")
+    if world > 1:
+        dist.barrier()
+
+
+def train(args, out, assets, rank, world, device):
+    master = rank == 0
     model, src = build_model(args, assets)
     cfg, proc = model.cfg, mi.Processor.from_pretrained(assets)
     model.train().to(device)
@@ -231,7 +253,7 @@ def main(argv=None):
                                 max(0, args.max_steps - start_step))
     loader = iter(torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=args.workers,
                                               prefetch_factor=4 if args.workers else None))
-    t0, tokens_seen, done, stop = time.time(), 0, start_step, False
+    t0, tokens_seen, done, stop, skipped, last_good = time.time(), 0, start_step, False, 0, (start_step, float("nan"))
     for step in range(start_step, args.max_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
@@ -239,9 +261,21 @@ def main(argv=None):
         scenes = [patch_words.batch(proc, [f"{args.seed}-{step}-{(m * world + rank) * n + i}" for i in range(n)],
                                     cfg.vision.image_size, words) for m in range(len(batches))] if words else []
         loss, patch_loss, n_tokens = train_step(model, net, batches, scenes, args, world, device)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        if math.isfinite(loss) and bool(torch.isfinite(norm)):
+            opt.step()
+            last_good = (step + 1, loss)
+        else:  # no update: the weights (and the last checkpoint) stay as they were
+            ids = [i for b in batches for i in b.get("ids", [])]
+            what = f"step {step + 1}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is " \
+                   f"{loss if not math.isfinite(loss) else float(norm)} (samples {', '.join(map(str, ids[:8]))}" \
+                   f"{', ...' if len(ids) > 8 else ''}); last good loss {last_good[1]:.4f} at step {last_good[0]}"
+            if skipped >= args.skip_nonfinite:
+                raise FloatingPointError(f"{what}; {out} still holds the last checkpoint (--skip-nonfinite N "
+                                         "skips such steps)")
+            skipped += 1
+            print(f"warning: {what}; skipped ({skipped} of --skip-nonfinite {args.skip_nonfinite})",
+                  file=sys.stderr, flush=True)
         opt.zero_grad(set_to_none=True)
         offset, done = offset + G, step + 1
         tokens_seen += n_tokens
@@ -268,9 +302,6 @@ def main(argv=None):
     if master:
         print(f"{'stopped' if stop else 'done'}: {done} steps, {(time.time() - t0) / 60:.1f} min; checkpoint {out}",
               flush=True)
-    shutil.rmtree(assets, ignore_errors=True)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def log_step(out, done, loss, patch_loss, lr, tokens_seen, t0, start_step, args, offset):
@@ -298,4 +329,4 @@ def quick_eval(model, proc, args, out, step):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -5,14 +5,16 @@ weights.py is the one reader of model weights; this module is the one writer. A 
     config.json  model.safetensors  tokenizer.json ...    what any loader needs (the llava-hf layout, so
                                                           transformers' LlavaForConditionalGeneration reads it)
     train_log.jsonl                                       one JSON object per logged step (training runs)
-    train_state/state.json                                step, samples consumed, args
     train_state/optimizer.safetensors                     AdamW moments and the torch RNG state (no pickle)
+    train_state/state.json                                step, samples consumed, args, and the size of every
+                                                          other file: written last, it marks the folder complete
 
 The sidecar lives in a subfolder because loaders take every top-level *.safetensors as weights.
 
-Saving is atomic: everything is written to OUT.tmp, the previous checkpoint is renamed to OUT.old, OUT.tmp
-to OUT, and OUT.old is deleted last. So at every instant OUT or OUT.old is a complete checkpoint, and
-`find_latest` returns whichever is.
+Saving never destroys the last good checkpoint: every file is written (and fsynced) into OUT.tmp, the manifest
+last; then OUT is renamed to OUT.old, OUT.tmp to OUT, and OUT.old is deleted. A crash between any two of these
+steps leaves at least one complete folder among OUT, OUT.tmp and OUT.old, and `recover` finds the newest
+complete one and puts it back at OUT (tests/test_faults.py injects a crash after every step).
 """
 
 import copy
@@ -41,33 +43,70 @@ def copy_assets(src, dst):
             shutil.copy2(path, os.path.join(dst, f))
 
 
+def _step(name):
+    """Called after each step of `save` (a no-op; tests/test_faults.py makes it raise to simulate a crash)."""
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=None):
     """Write model (+ optimizer/state when given) as a complete checkpoint folder `out`, atomically.
 
     assets: a folder with the tokenizer/processor files to include. dtype: cast the saved weights
-    (e.g. torch.bfloat16 for export; the model itself is untouched). log_file: a train_log.jsonl to include."""
+    (e.g. torch.bfloat16 for export; the model itself is untouched). log_file: a train_log.jsonl to include.
+    Refuses (ValueError, nothing written) a model with a NaN or Inf weight: it never replaces a good one."""
     from safetensors.torch import save_file
+    bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise ValueError(f"{out}: not saved, parameter {bad} holds NaN/Inf (the previous checkpoint is kept)")
     out = os.path.abspath(out)
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    _step("clear tmp")
     copy_assets(assets, tmp)
+    _step("assets")
     conf = to_llava_hf_dict(model.cfg)
     conf["torch_dtype"] = "bfloat16" if (dtype or model.dtype) == torch.bfloat16 else "float32"
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(conf, f, indent=2)
+    _step("config")
     save_weights(model if dtype in (None, model.dtype) else copy.deepcopy(model).to(dtype), tmp, model.cfg)
+    _step("weights")
     if log_file and os.path.isfile(log_file):
         shutil.copy2(log_file, os.path.join(tmp, LOG))
-    if optimizer is not None:
+        _step("log")
+    if optimizer is not None:  # a training checkpoint: its state, then the manifest that marks it complete
         os.makedirs(os.path.join(tmp, STATE_DIR))
         save_file(optimizer_tensors(model, optimizer), os.path.join(tmp, STATE_TENSORS))
+        _step("optimizer")
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(root, name)
+                _fsync(path)
+                if name != LOG:  # the log keeps growing in the live folder; resume cuts it back to the step
+                    files[os.path.relpath(path, tmp)] = os.path.getsize(path)
         with open(os.path.join(tmp, STATE_JSON), "w") as f:
-            json.dump(state or {}, f, indent=1)
+            json.dump(dict(state or {}, files=files), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _step("manifest")
     shutil.rmtree(old, ignore_errors=True)
+    _step("clear old")
     if os.path.isdir(out):
         os.rename(out, old)
+        _step("out -> old")
     os.rename(tmp, out)
+    _fsync(os.path.dirname(out))
+    _step("tmp -> out")
     shutil.rmtree(old, ignore_errors=True)
+    _step("remove old")
 
 
 def optimizer_tensors(model, optimizer):
@@ -81,13 +120,47 @@ def optimizer_tensors(model, optimizer):
     return tensors
 
 
+def read_state(folder):
+    """state.json of a complete checkpoint folder (every file its manifest lists is there, at its size), else
+    None: a folder a crash cut short is never taken for a checkpoint."""
+    try:
+        with open(os.path.join(folder, STATE_JSON)) as f:
+            state = json.load(f)
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return None
+    return state
+
+
 def find_latest(out):
-    """The checkpoint folder to resume from: out, or out.old if a crash hit between the two renames; None
-    if neither holds a training state."""
-    for d in (out, out.rstrip("/") + ".old"):
-        if os.path.isfile(os.path.join(d, STATE_JSON)) and os.path.isfile(os.path.join(d, "model.safetensors")):
-            return d
-    return None
+    """The newest complete training checkpoint among out, out.tmp and out.old (what a crash during a save
+    leaves; see the module docstring), or None."""
+    out = os.path.abspath(out)
+    found = [(s.get("step", 0), d) for d in (out, out + ".tmp", out + ".old") if (s := read_state(d)) is not None]
+    return max(found)[1] if found else None
+
+
+def recover(out):
+    """Put the newest complete checkpoint back at `out` after a crash during a save (out.tmp finished but not
+    yet renamed, or out moved to out.old); remove the leftovers. Returns out, or None if there is none."""
+    out = os.path.abspath(out)
+    best = find_latest(out)
+    if best is None:
+        return None
+    if best != out:
+        aside = out + ".broken"
+        shutil.rmtree(aside, ignore_errors=True)
+        if os.path.isdir(out):
+            os.rename(out, aside)  # incomplete: never deleted before the good one is in place
+        os.rename(best, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    for d in (out + ".tmp", out + ".old"):
+        shutil.rmtree(d, ignore_errors=True)
+    return out
 
 
 def load_state(ckpt, model, optimizer):
@@ -101,8 +174,7 @@ def load_state(ckpt, model, optimizer):
         else:
             p = params[name]
             optimizer.state.setdefault(p, {})[kind] = v.to(p.device) if kind != "step" else v
-    with open(os.path.join(ckpt, STATE_JSON)) as f:
-        return json.load(f)
+    return read_state(ckpt)
 
 
 def append_log(out, record):
@@ -113,11 +185,22 @@ def append_log(out, record):
 
 
 def truncate_log(out, step):
-    """Drop log lines written after `step` (a crash between two saves leaves some behind)."""
+    """Keep the log lines up to `step`: drop those written after it (a crash between two saves leaves some
+    behind) and a torn line (a crash in the middle of writing one). Returns how many lines were dropped."""
     path = os.path.join(out, LOG)
     if not os.path.isfile(path):
-        return
+        return 0
+    keep, dropped = [], 0
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+        for line in filter(str.strip, f):
+            try:
+                good = json.loads(line).get("step", 0) <= step
+            except ValueError:  # torn
+                good = False
+            if good:
+                keep.append(line.rstrip("\n") + "\n")
+            dropped += not good
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return dropped

@@ -68,7 +68,7 @@ def record_name(record, index=None):
 
 
 def safe_path(root, rel, name="record"):
-    """root/rel, refusing absolute paths and paths that leave root."""
+    """root/rel, refusing absolute paths, paths that leave root, and symlinks that resolve outside it."""
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{name}: image path {rel!r} is not a non-empty string")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
@@ -76,7 +76,11 @@ def safe_path(root, rel, name="record"):
     norm = os.path.normpath(rel.replace("\\", "/"))
     if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
         raise DataError(f"{name}: image path {rel!r} escapes the image root")
-    return os.path.join(root, norm)
+    full = os.path.join(root, norm)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(full), real_root]) != real_root:
+        raise DataError(f"{name}: image path {rel!r} is a link that resolves outside the image root")
+    return full
 
 
 def conversation(record, name="record"):
@@ -102,24 +106,30 @@ def conversation(record, name="record"):
     return system + rest
 
 
+def check_turns(turns, n_images, n_videos, name="record", image_token="<image>"):
+    """The turns with the placeholder rules of the module docstring applied (media in front when the text
+    has no placeholder); DataError when the counts disagree or an assistant turn holds a placeholder."""
+    vid_tok = "<video>"
+    n_ph = sum(t.count(image_token) for r, t in turns if r == "user")
+    n_vph = sum(t.count(vid_tok) for r, t in turns if r == "user")
+    if n_ph == 0 and n_vph == 0 and (n_images or n_videos):
+        k = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        turns = list(turns)
+        turns[k] = ("user", image_token * n_images + vid_tok * n_videos + "\n" + turns[k][1])
+        n_ph, n_vph = n_images, n_videos
+    if n_ph != n_images or n_vph != n_videos:
+        raise DataError(f"{name}: the text has {n_ph} <image> and {n_vph} <video> placeholder(s) but the record "
+                        f"has {n_images} image(s) and {n_videos} video(s)")
+    if any(r == "assistant" and (image_token in t or vid_tok in t) for r, t in turns):
+        raise DataError(f"{name}: an assistant turn contains an image/video placeholder")
+    return turns
+
+
 def encode_conversation(proc, turns, images=(), videos=(), multi_patch=False, num_frames=None, name="record"):
     """[(role, text)] + media → {"input_ids" (T,), "labels" (T,), "pixel_values" (N,3,S,S) or None}
-    (Processor.encode_chat, after the record-level placeholder rules of the module docstring)."""
-    img_tok, vid_tok = proc.image_token, "<video>"
+    (Processor.encode_chat, after the record-level placeholder rules of check_turns)."""
     images, videos = list(images), list(videos)
-    n_ph = sum(t.count(img_tok) for r, t in turns if r == "user")
-    n_vph = sum(t.count(vid_tok) for r, t in turns if r == "user")
-    if n_ph == 0 and n_vph == 0 and (images or videos):
-        k = next(i for i, (r, _) in enumerate(turns) if r == "user")
-        front = img_tok * len(images) + vid_tok * len(videos)
-        turns = list(turns)
-        turns[k] = ("user", front + "\n" + turns[k][1])
-        n_ph, n_vph = len(images), len(videos)
-    if n_ph != len(images) or n_vph != len(videos):
-        raise DataError(f"{name}: the text has {n_ph} <image> and {n_vph} <video> placeholder(s) but the record "
-                        f"has {len(images)} image(s) and {len(videos)} video(s)")
-    if any(r == "assistant" and (img_tok in t or vid_tok in t) for r, t in turns):
-        raise DataError(f"{name}: an assistant turn contains an image/video placeholder")
+    turns = check_turns(turns, len(images), len(videos), name, proc.image_token)
     try:
         return proc.encode_chat([{"role": r, "content": t} for r, t in turns], images, videos, num_frames,
                                 multi_patch)
@@ -132,38 +142,48 @@ def is_multi_patch(record):
     return bool(record.get("multi_patch") or meta.get("multi_patch") or meta.get("domain") == "multi_patch")
 
 
-def encode_record(proc, record, image_root=".", video_mode="frames", num_frames=None, index=None):
-    """One M4-Instruct record (paths relative to image_root) → encoded tensors (see encode_conversation)."""
+def plan_record(record, image_root=".", video_mode="frames", index=None, image_token="<image>"):
+    """Every check of a record that needs no decoding → (name, turns, image files, video files, multi_patch).
+    DataError (naming the record) for bad turns, unsafe or missing paths and placeholder counts."""
     name = record_name(record, index)
+    if not isinstance(record, dict):
+        raise DataError(f"{name}: not a JSON object")
     turns = conversation(record, name)
     paths = record.get("image") or []
     paths = [paths] if isinstance(paths, str) else list(paths)
-    video = record.get("video")
-    videos = []
+    video, videos = record.get("video"), []
     if video and (video_mode == "video" or not paths):
         # the video replaces the frame list: its placeholder is <video>, or the record's single <image>
-        vpath = safe_path(image_root, video, name)
-        if not os.path.isfile(vpath):
-            raise DataError(f"{name}: video file not found: {vpath}")
-        n_img = sum(t.count(proc.image_token) for r, t in turns if r == "user")
+        videos = [safe_path(image_root, video, name)]
+        n_img = sum(t.count(image_token) for r, t in turns if r == "user")
         if n_img == max(len(paths), 1) and not any("<video>" in t for _, t in turns):
-            done = False
-            new = []
+            done, new = False, []
             for r, t in turns:
-                if r == "user" and not done and proc.image_token in t:
-                    head, _, rest = t.partition(proc.image_token)
-                    t = head + "<video>" + rest.replace(proc.image_token, "")
-                    done = True
+                if r == "user" and not done and image_token in t:
+                    head, _, rest = t.partition(image_token)
+                    t, done = head + "<video>" + rest.replace(image_token, ""), True
                 elif r == "user":
-                    t = t.replace(proc.image_token, "")
+                    t = t.replace(image_token, "")
                 new.append((r, t))
             turns = new
-        paths, videos = [], [vpath]
+        paths = []
     files = [safe_path(image_root, p, name) for p in paths]
-    missing = [f for f in files if not os.path.isfile(f)]
+    for f in files + videos:
+        if os.path.isdir(f):
+            raise DataError(f"{name}: {f} is a directory, not an image or video file")
+    missing = [f for f in files + videos if not os.path.isfile(f)]
     if missing:
-        raise DataError(f"{name}: image file(s) not found: {', '.join(missing)}")
-    return encode_conversation(proc, turns, files, videos, is_multi_patch(record), num_frames, name)
+        raise DataError(f"{name}: file(s) not found: {', '.join(missing)}")
+    turns = check_turns(turns, len(files), len(videos), name, image_token)
+    return name, turns, files, videos, is_multi_patch(record)
+
+
+def encode_record(proc, record, image_root=".", video_mode="frames", num_frames=None, index=None):
+    """One M4-Instruct record (paths relative to image_root) → encoded tensors plus its "id"."""
+    name, turns, files, videos, multi_patch = plan_record(record, image_root, video_mode, index, proc.image_token)
+    item = encode_conversation(proc, turns, files, videos, multi_patch, num_frames, name)
+    item["id"] = str(record.get("id", record.get("sample_id", f"#{index}")))
+    return item
 
 
 def sample_turns(sample):
@@ -171,10 +191,12 @@ def sample_turns(sample):
     return [("user", sample.question), ("assistant", sample.answer)]
 
 
-def encode_sample(proc, sample):
-    """A synthetic tasks.Sample (in-memory images) → encoded tensors, same layout as a record."""
-    return encode_conversation(proc, sample_turns(sample), sample.images, (),
+def encode_sample(proc, sample, sample_id=None):
+    """A synthetic tasks.Sample (in-memory images) → encoded tensors, same layout as a record, plus its "id"."""
+    item = encode_conversation(proc, sample_turns(sample), sample.images, (),
                                multi_patch=sample.multi_patch, name=f"{sample.domain} sample")
+    item["id"] = sample_id or sample.domain
+    return item
 
 
 def prompt_for(proc, sample_or_question):
@@ -220,6 +242,8 @@ def collate(items, pad_token_id):
         n = len(it["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = it["input_ids"], it["labels"], 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any("id" in it for it in items):  # which samples a batch holds (train.py names them when a loss diverges)
+        out["ids"] = [it.get("id") for it in items]
     pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
     if pix:
         out["pixel_values"] = torch.cat(pix)
@@ -227,53 +251,61 @@ def collate(items, pad_token_id):
 
 
 def load_records(path):
-    """A JSON array (or JSON lines) of records."""
+    """A JSON array (or JSON lines) of records; DataError naming the file and the line of a syntax error."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a JSON file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     try:
         recs = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: neither a JSON array nor JSON lines ({e})") from None
+    except json.JSONDecodeError as array_error:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path}: line {array_error.lineno}, column {array_error.colno}: invalid JSON "
+                            f"({array_error.msg})") from None
+        recs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n} (record #{len(recs)}): invalid JSON ({e.msg}); "
+                                    "expected a JSON array or one JSON object per line") from None
     if isinstance(recs, dict):
         recs = [recs]
-    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+    if not isinstance(recs, list):
         raise DataError(f"{path}: expected a JSON array of record objects")
     return recs
 
 
 class JsonDataset:
-    """M4-Instruct-style JSON + image root. Every image path is checked when the file is loaded: unsafe
-    paths raise DataError at once (naming the record and path); missing files are listed by path
-    (check_files=True, the default; False defers the check to the first use of each record)."""
+    """M4-Instruct-style JSON + image root. Every record is checked when the file is loaded — its turns, its
+    paths (unsafe, escaping, missing, directories), its placeholder counts — without decoding any image, and
+    all problems are reported together as one DataError (the first 20, then how many more), so a bad record
+    is never discovered in the middle of training."""
 
-    def __init__(self, path, image_root=None, processor=None, video_mode="frames", num_frames=None,
-                 check_files=True):
+    def __init__(self, path, image_root=None, processor=None, video_mode="frames", num_frames=None):
         self.path = path
         self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(self.image_root):
+            raise FileNotFoundError(f"{self.image_root}: image root folder not found")
         self.records = load_records(path)
         self.processor = processor
         self.video_mode, self.num_frames = video_mode, num_frames
-        missing = []
+        image_token = processor.image_token if processor is not None else "<image>"
+        problems = []
         for i, rec in enumerate(self.records):
-            name = record_name(rec, i)
-            paths = rec.get("image") or []
-            paths = [paths] if isinstance(paths, str) else list(paths)
-            if rec.get("video"):
-                paths = paths + [rec["video"]]
-            for p in paths:
-                full = safe_path(self.image_root, p, name)
-                if check_files and not os.path.isfile(full):
-                    missing.append(f"{full} ({name})")
-        if missing:
-            more = f" ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise DataError(f"{path}: {len(missing)} image file(s) not found under {self.image_root}: "
-                            + "; ".join(missing[:10]) + more)
+            try:
+                plan_record(rec, self.image_root, video_mode, i, image_token)
+            except DataError as e:
+                problems.append(str(e))
+        if not self.records:
+            problems.append("no records")
+        if problems:
+            more = f"; ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DataError(f"{path}: {len(problems)} bad record(s): " + "; ".join(problems[:20]) + more)
 
     def __len__(self):
         return len(self.records)

@@ -44,8 +44,8 @@ class SyntheticStream:
         n, j = divmod(g, len(self.cycle))
         d = self.cycle[j]
         k = n * self.cycle.count(d) + self.cycle[:j].count(d)
-        smp = tasks.make_sample(d, self.sample_seed(d, k), **self.opts)
-        return data.encode_sample(self.proc, smp)
+        seed = self.sample_seed(d, k)
+        return data.encode_sample(self.proc, tasks.make_sample(d, seed, **self.opts), f"{d}/{seed}")
 
 
 def weighted_cycle(spec, names, flag):

@@ -50,7 +50,7 @@ def test_patch_words_loss_goes_down_and_needs_a_3x3_grid(tmp_path):
     assert len(patch) == 25
     # two words per cell, so the floor is ln 2 (0.69); it starts near ln(vocab) = 6.4
     assert sum(patch[-3:]) / 3 < 0.5 * sum(patch[:3]) / 3, patch
-    with pytest.raises(SystemExit, match="3x3"):
+    with pytest.raises(ValueError, match="3x3"):
         train.main(FAST + ["--set", "patch_size=16", "--max-steps", "1", "--out", str(tmp_path / "x"),
                            "--patch-words", "1"])
 
@@ -172,7 +172,7 @@ def test_trains_on_m4_instruct_json_and_fine_tunes_a_checkpoint(trained, tmp_pat
 
 
 def test_refuses_to_overwrite_a_run_without_resume(trained):
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(ValueError, match="--resume"):
         train.main(FAST + ["--max-steps", "1", "--out", trained])
 
 
