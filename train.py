@@ -266,20 +266,18 @@ def train(args, out, assets, rank, world, device):
             opt.step()
             last_good = (step + 1, loss)
         else:  # no update: the weights (and the last checkpoint) stay as they were
-            ids = [i for b in batches for i in b.get("ids", [])]
-            what = f"step {step + 1}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is " \
-                   f"{loss if not math.isfinite(loss) else float(norm)} (samples {', '.join(map(str, ids[:8]))}" \
-                   f"{', ...' if len(ids) > 8 else ''}); last good loss {last_good[1]:.4f} at step {last_good[0]}"
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", float(norm))
+            ids = [str(i) for b in batches for i in b.get("ids", [])]
+            what = (f"step {step + 1}: the {what} is {value} (samples {', '.join(ids[:8])}{', ...' * (len(ids) > 8)}); "
+                    f"last good loss {last_good[1]:.4f} at step {last_good[0]}")
             if skipped >= args.skip_nonfinite:
-                raise FloatingPointError(f"{what}; {out} still holds the last checkpoint (--skip-nonfinite N "
-                                         "skips such steps)")
+                raise FloatingPointError(f"{what}; {out} keeps the last checkpoint (--skip-nonfinite N skips such steps)")
             skipped += 1
-            print(f"warning: {what}; skipped ({skipped} of --skip-nonfinite {args.skip_nonfinite})",
-                  file=sys.stderr, flush=True)
+            print(f"warning: {what}; skipped ({skipped} of --skip-nonfinite {args.skip_nonfinite})", file=sys.stderr)
         opt.zero_grad(set_to_none=True)
         offset, done = offset + G, step + 1
         tokens_seen += n_tokens
-        if master and (done % args.log_every == 0 or done == args.max_steps or step == start_step):
+        if master and math.isfinite(loss) and (done % args.log_every == 0 or done == args.max_steps or step == start_step):
             log_step(out, done, loss, patch_loss, lr_at(step, args), tokens_seen, t0, start_step, args, offset)
         if args.eval_every and done % args.eval_every == 0 and done < args.max_steps and master:
             quick_eval(model, proc, args, out, done)
