@@ -48,7 +48,11 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     eos_token_id: an id or a list of ids that end a row (default: the checkpoint's
     generation_config.json). stream: called with the (B,) new tokens after every step.
     """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
     limit = model.cfg.text.max_position_embeddings
     if T + max_new_tokens > limit:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit}")

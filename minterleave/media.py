@@ -6,7 +6,7 @@ numpy dtypes), so they are bit-equal to `LlavaProcessor` in a venv without torch
 * RGB conversion (`to_rgb`), as transformers does it:
   - PIL image with an alpha band or a `transparency` entry (RGBA, LA, PA, P/L with transparency):
     converted to RGBA and alpha-composited onto opaque WHITE, then RGB;
-  - any other PIL mode (L, P, CMYK, I;16, YCbCr, ...): `image.convert("RGB")`;
+  - any other 8-bit PIL mode (L, P, CMYK, 1, YCbCr, ...): `image.convert("RGB")`;
   - file path: opened, EXIF orientation applied, then `convert("RGB")` — transformers' `load_image`,
     which DROPS alpha (no white compositing) before the steps above can see it;
   - numpy uint8 (H,W,3) as-is; (H,W,4) composited onto white in float64 and rounded; (H,W) or
@@ -14,10 +14,28 @@ numpy dtypes), so they are bit-equal to `LlavaProcessor` in a venv without torch
   Note: the official preprocessor_config.json says `"do_convert_rgb": null`, which transformers 5.24
   takes as "do not convert" (its SigLIP processor then fails on L/P/RGBA/CMYK images); we always
   convert, i.e. we match transformers with do_convert_rgb=True (and exactly, on RGB inputs, without).
+* Where we differ from transformers on purpose (files and PIL images alike):
+  - 16-bit samples (modes I;16, I;16B, ...; 16-bit grey PNG and TIFF) keep their HIGH BYTE (v >> 8),
+    which is what Pillow itself does when it opens a 16-bit RGB/RGBA PNG. transformers goes through
+    PIL's `convert("RGB")`, which CLIPS at 255 and turns most 16-bit images white. 32-bit integer
+    images (mode I) are read as 16-bit samples (older Pillow opens 16-bit PNGs as I); values outside
+    0..65535 are refused (MediaError).
+  - float images (mode F, float TIFF): values in [0, 1] become round(v × 255); anything else (values
+    outside [0, 1], NaN) is refused with MediaError naming the range — there is no scale to guess.
+  - animated GIF/WebP/APNG files: the first frame is used, with one warning per file read.
+  - files over MAX_PIXELS (2^25, about 33.5 M pixels; 8K UHD fits) are shrunk while decoding, since
+    the processor resizes to S×S anyway: JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+    (`Image.draft`), other formats are read once and `reduce`d by an integer factor at once. Peak
+    memory for a file just under Pillow's bomb limit (89.4 M pixels, 9440×9470), measured as VmHWM
+    growth around `Processor.image_pixels`: JPEG 81 MB (was 1.0 GB), 8-bit RGB PNG 340 MB (1.0 GB),
+    16-bit grey PNG 290 MB. Smaller files are read at full size, so their pixels stay bit-equal.
 * `preprocess`: PIL `resize((S,S), BICUBIC)` (reducing_gap None), then `uint8 → float64 * 1/255 →
   float32`, then `(x - mean) / std` in float32; returned channels-first (3,S,S).
+* Errors: a missing file is FileNotFoundError, a directory IsADirectoryError, unreadable or
+  undecodable content MediaError (a ValueError); every message is one line naming the file.
 """
 
+import contextlib
 import math
 import os
 import warnings
@@ -33,6 +51,22 @@ BICUBIC = 3
 # as (width, height) multiples of the tile size S = 384.
 DEFAULT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
+MAX_PIXELS = 1 << 25  # files above are shrunk while decoding (module docstring)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}  # EXIF orientation → transpose, as ImageOps.exif_transpose
+
+
+class MediaError(ValueError):
+    """An image or video whose content cannot be used: unreadable, truncated, or no defined 8-bit RGB."""
+
+
+def _check_file(path, kind):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, not {kind} file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} file not found: {path}")
+
 
 # ----------------------------------------------------------------------------------------- images
 
@@ -43,38 +77,93 @@ def to_rgb(image):
     if hasattr(image, "detach"):  # torch tensor
         image = image.detach().cpu().numpy()
     if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
+        return _rgb8(image, composite=True)
     if isinstance(image, np.ndarray):
         return Image.fromarray(_array_to_rgb(image))
-    raise ValueError(f"unsupported image type {type(image).__name__}: expected a PIL image, "
-                     "a numpy uint8 array (H,W,3) or a file path")
+    raise TypeError(f"unsupported image type {type(image).__name__}: expected a PIL image, "
+                    "a numpy uint8 array (H,W,3) or a file path")
+
+
+def _eight_bit(im, name=None):
+    """16-bit, 32-bit integer and float images → mode L by the module docstring's rules; others as they are."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im)
+        if im.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+            raise MediaError(f"{name + ': ' if name else ''}32-bit integer image with values {a.min()}..{a.max()}: "
+                             "no defined 8-bit scale (expected 0..65535)")
+        return Image.fromarray((a >> 8).astype(np.uint8), "L")
+    if im.mode == "F":
+        a = np.asarray(im)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not (0 <= lo and hi <= 1):  # NaN fails too
+            raise MediaError(f"{name + ': ' if name else ''}float image with values {lo:g}..{hi:g}: only [0, 1] has a defined "
+                             "8-bit scale")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8), "L")
+    return im
+
+
+def _rgb8(im, composite, name=None):
+    """Any PIL image → 8-bit RGB (module docstring); alpha composited onto white when `composite`."""
+    im = _eight_bit(im, name)
+    if composite and ("A" in im.getbands() or im.info.get("transparency") is not None):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _shrink_factor(size):
+    w, h = size
+    return 1 if w * h <= MAX_PIXELS else math.ceil(math.sqrt(w * h / MAX_PIXELS))
 
 
 def _open_image(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"image file not found: {path}")
+    _check_file(path, "image")
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from None
+        fh = open(path, "rb")  # ours, not Pillow's: closing it leaves the returned pixels alone
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied") from None
+    with fh:
+        try:
+            return _decode_image(Image.open(fh), path)
+        except MediaError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise MediaError(f"cannot read image file {path}: {e}") from None
+
+
+def _decode_image(im, path):
+    if getattr(im, "is_animated", False):
+        warnings.warn(f"{path}: animated image: using its first frame")
+    f = _shrink_factor(im.size)
+    if f > 1 and im.format == "JPEG":  # libjpeg decodes at 1/2..1/8 scale: no full-size buffer at all
+        im.draft(None, (im.width // f, im.height // f))
+    im.load()
+    f = _shrink_factor(im.size)
+    if f == 1:  # transformers' load_image (exif_transpose, convert("RGB")), without its copies
+        ImageOps.exif_transpose(im, in_place=True)
+        return im if im.mode == "RGB" else _rgb8(im, composite=False, name=path)
+    # still too large: f×f block means, a band of rows at a time, each band made 8-bit RGB first, so that
+    # no second full-size copy is made; then orient by hand (the reduced image has no TIFF tags left)
+    method = _ORIENT.get(im.getexif().get(0x0112))
+    w, h = im.size
+    out = Image.new("RGB", (-(-w // f), -(-h // f)))
+    band = f * max(1, (1 << 22) // (w * f))
+    for y in range(0, h, band):
+        out.paste(_rgb8(im.crop((0, y, w, min(y + band, h))), False, path).reduce(f), (0, y // f))
+    im.close()
+    return out.transpose(method) if method is not None else out
 
 
 def _array_to_rgb(a):
     if a.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8 (H,W,3), got dtype {a.dtype}")
+        raise MediaError(f"image arrays must be uint8 (H,W,3), got dtype {a.dtype}")
     if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # channels-first
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4) or min(a.shape[:2]) == 0:
-        raise ValueError(f"image arrays must have shape (H,W,3), got {a.shape}")
+        raise MediaError(f"image arrays must have shape (H,W,3), got {a.shape}")
     if a.shape[-1] == 1:
         return np.ascontiguousarray(np.repeat(a, 3, axis=-1))
     if a.shape[-1] == 4:
@@ -149,6 +238,15 @@ def sample_indices(n_frames, k):
     return np.linspace(0, n_frames - 1, k).astype(int).tolist()
 
 
+def check_num_frames(k):
+    """num_frames as a positive int (checked before anything is decoded)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"num_frames must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"num_frames must be >= 1, got {k}")
+    return int(k)
+
+
 def load_video(path, num_frames=DEFAULT_NUM_FRAMES):
     """Decode K = num_frames uniformly sampled frames of a video file with PyAV.
 
@@ -158,61 +256,102 @@ def load_video(path, num_frames=DEFAULT_NUM_FRAMES):
     count when it has one (mp4/mov/avi) and it proves right; otherwise (mkv/webm, or a declared count
     the decoder disagrees with) one extra counting pass decodes the clip without RGB conversion —
     about the cost of one more decode. If n < K, indices repeat (linspace rounding).
+    A damaged file is a MediaError saying what was decoded and what is missing: fewer frames than the
+    container declares with libav errors on the way (a truncated mp4), a decoder error mid-stream, or
+    an mp4 cut before its index. libav's own log lines are collected, never printed.
     """
     return _load_video(path, num_frames)[:2]
 
 
+@contextlib.contextmanager
+def _libav_errors():
+    """libav's error lines of the block, collected instead of printed or logged (whatever level the caller
+    gave PyAV), so that a damaged file ends in one line of ours."""
+    import av.logging as avlog
+
+    level, skip = avlog.get_level(), avlog.get_skip_repeated()
+    avlog.set_level(avlog.ERROR)
+    avlog.set_skip_repeated(False)  # an error already seen in an earlier pass must count again
+    try:
+        with avlog.Capture(local=False) as logs:  # decoder threads log too
+            yield logs
+    finally:
+        avlog.set_skip_repeated(skip)
+        avlog.set_level(level)
+
+
+def _ends_early(logs):
+    text = " ".join(m for _, _, m in logs)
+    if any(s in text for s in ("partial file", "ended prematurely", "moov atom not found")):
+        return "the file ends early: cut short or still being written"
+    return f"libav: {logs[-1][2].strip()}"
+
+
 def _load_video(path, k):
-    path = os.fspath(path)
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"num_frames must be >= 1, got {k}")
-    declared = _declared_frame_count(path)
-    if declared > 0:
-        got = _grab(path, sample_indices(declared, k), declared)
-        if got is not None:
-            return got
-    n = _count_frames(path)
-    if n == 0:
-        raise ValueError(f"no decodable video frames in {path}")
-    if declared > 0:
-        warnings.warn(f"{path}: container declares {declared} frames, decoder yields {n}; using {n}")
-    got = _grab(path, sample_indices(n, k), n)
-    if got is None:
-        raise ValueError(f"cannot decode video file {path}: frame count changed between passes")
-    return got
+    path, k = os.fspath(path), check_num_frames(k)
+    with _libav_errors() as logs:
+        declared = _declared_frame_count(path)
+        if declared > 0:
+            idx = sample_indices(declared, k)
+            n, kept = _decode(path, idx, declared)
+            if n == declared:
+                return _stack(kept, idx), [t for _, t in kept], idx, n
+            if n < declared and logs:
+                raise MediaError(f"{path}: truncated or damaged video: decoded {n} of the {declared} frames its "
+                                 f"container declares, frames {n}..{declared - 1} missing ({_ends_early(logs)})")
+            if n > declared:  # more frames than declared: the first pass stopped early, count them all
+                n = _decode(path, (), None)[0]
+        else:
+            n = _decode(path, (), None)[0]
+        if n == 0:
+            raise MediaError(f"no decodable video frames in {path}" + (f" ({_ends_early(logs)})" if logs else ""))
+        if declared > 0:
+            warnings.warn(f"{path}: container declares {declared} frames, decoder yields {n}; using {n}")
+        idx = sample_indices(n, k)
+        m, kept = _decode(path, idx, n)
+        if m != n:
+            raise MediaError(f"cannot decode video file {path}: frame count changed between passes")
+        return _stack(kept, idx), [t for _, t in kept], idx, n
 
 
 def _open_video(path):
     import av
 
-    if not os.path.isfile(path):
-        raise ValueError(f"video file not found: {path}")
+    _check_file(path, "video")
     try:
         container = av.open(path)
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied") from None
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read video file {path}: {e}") from None
+        if "moov atom not found" in str(e):
+            raise MediaError(f"cannot read video file {path}: its mp4 index (moov atom) is missing: the file "
+                             "was cut short or is still being written; nothing can be decoded") from None
+        raise MediaError(f"cannot read video file {path}: {getattr(e, 'strerror', None) or e}") from None
     if not container.streams.video:
         container.close()
-        raise ValueError(f"no video stream in {path}")
+        raise MediaError(f"no video stream in {path}")
     return container
 
 
 def _frames(path, container):
-    """Decoded frames of the first video stream; a decoder error mid-stream ends the clip (warned)."""
+    """Decoded frames of the first video stream; a decoder error mid-stream is a MediaError."""
     import av
 
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     it = container.decode(stream)
+    n = 0
     while True:
         try:
             frame = next(it)
         except StopIteration:
             return
         except av.FFmpegError as e:
-            warnings.warn(f"{path}: decoding stopped early: {e}")
-            return
+            why = getattr(e, "strerror", None) or e
+            if n == 0:
+                raise MediaError(f"no decodable video frames in {path} (libav: {why})") from None
+            raise MediaError(f"{path}: damaged video: decoding failed after {n} frames (libav: {why})") from None
+        n += 1
         yield frame
 
 
@@ -221,35 +360,30 @@ def _declared_frame_count(path):
         return max(int(c.streams.video[0].frames or 0), 0)
 
 
-def _count_frames(path):
-    with _open_video(path) as c:
-        return sum(1 for _ in _frames(path, c))
-
-
-def _grab(path, indices, n):
-    """Keep the frames at `indices` (sorted, may repeat); None if the clip does not have exactly n frames."""
+def _decode(path, indices, limit):
+    """One decoding pass → (frames decoded, stopping at limit + 1; [(rgb, time)] for `indices`, sorted,
+    repeats kept). Only the kept frames are converted to RGB."""
     want = {}
     for i in indices:
         want[i] = want.get(i, 0) + 1
-    frames, times, size = [], [], None
+    kept, size, count = [], None, 0
     with _open_video(path) as c:
         stream = c.streams.video[0]
         rate = float(stream.average_rate) if stream.average_rate else None
-        count = 0
         for i, frame in enumerate(_frames(path, c)):
             count = i + 1
-            if i >= n:
-                return None  # more frames than declared
+            if limit is not None and i >= limit:
+                break  # more frames than expected
             if i in want:
                 size = size or (frame.width, frame.height)
                 rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
                 t = frame.time if frame.time is not None else (i / rate if rate else float(i))
-                for _ in range(want[i]):
-                    frames.append(rgb)
-                    times.append(float(t))
-        if count != n:  # (after index n-1 the loop decodes at most one more frame: the check above)
-            return None
-    return np.stack(frames), times, list(indices), n
+                kept += [(rgb, float(t))] * want[i]
+    return count, kept
+
+
+def _stack(kept, idx):
+    return np.stack([f for f, _ in kept]) if kept else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def video_to_frames(video, num_frames):
@@ -258,6 +392,7 @@ def video_to_frames(video, num_frames):
     Files are decoded with `load_video`; arrays (T,H,W,3) uint8 (or lists of images) are used as-is
     when T <= num_frames, else sampled with `sample_indices(T, num_frames)`.
     """
+    num_frames = check_num_frames(num_frames)
     if isinstance(video, (str, os.PathLike)):
         frames, times, idx, _ = _load_video(video, num_frames)
         return [Image.fromarray(f) for f in frames], idx, times
@@ -265,9 +400,9 @@ def video_to_frames(video, num_frames):
         video = video.detach().cpu().numpy()
     if isinstance(video, np.ndarray):
         if video.ndim != 4:
-            raise ValueError(f"video arrays must have shape (T,H,W,3), got {video.shape}")
+            raise MediaError(f"video arrays must have shape (T,H,W,3), got {video.shape}")
         video = list(video)
     if not isinstance(video, (list, tuple)) or len(video) == 0:
-        raise ValueError("a video must be a file path, a (T,H,W,3) uint8 array or a non-empty list of frames")
+        raise MediaError("a video must be a file path, a (T,H,W,3) uint8 array or a non-empty list of frames")
     idx = list(range(len(video))) if len(video) <= num_frames else sample_indices(len(video), num_frames)
     return [to_rgb(video[i]) for i in idx], idx, None

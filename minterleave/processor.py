@@ -34,6 +34,12 @@ the interleave extras on top:
   overview, then the row-major S×S tiles of the LLaVA-NeXT best-fit grid (media.anyres_tiles); its one
   `<image>` becomes 1 + n_tiles `<image>` (up to 5 × 729 = 3645 ids for the official models).
 * A batch (`text` as a list) is LEFT-padded with `pad_token_id`; `attention_mask` marks real tokens.
+* Checked before any image is opened or any frame decoded: the text is a str that is valid Unicode (no lone
+  surrogates, as `errors="surrogateescape"` leaves for bytes that are not UTF-8) and not empty, the
+  placeholder counts equal the media counts, `num_frames` >= 1, and the prompt's length — text tokens plus
+  tokens_per_image per image and per frame (frames: K for a video file, min(T, K) for a T-frame array; a
+  multi-patch image counts its fewest possible tiles) — fits the context. Errors are ValueError (media ones
+  media.MediaError), one line each.
 """
 
 import os
@@ -69,6 +75,27 @@ def _listify(x):
     return [x]
 
 
+def _valid_text(text, what="prompt"):
+    """`text` if it is a str the tokenizer can take, else a one-line ValueError (not tokenizers' TypeError)."""
+    if isinstance(text, (bytes, bytearray)):
+        raise ValueError(f"{what} is bytes, not text: decode it first (e.g. .decode('utf-8'))")
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid text: {text[e.start]!r} at character {e.start} is an undecodable "
+                         "byte (the file or argument is not UTF-8)") from None
+    return text
+
+
+def _frame_count(video, k):
+    """Frames a video will give at K = k, known without decoding: K for a file, min(T, K) for T frames."""
+    if isinstance(video, (str, os.PathLike)):
+        return k
+    return min(len(video), k) if hasattr(video, "__len__") else k
+
+
 class Processor:
     """Tokenizer + image/video preprocessing for LLaVA-NeXT-Interleave (see the module docstring)."""
 
@@ -93,7 +120,7 @@ class Processor:
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.pad_token_id = pad_token_id if pad_token_id is not None else (
             self.eos_token_ids[0] if self.eos_token_ids else 0)
-        self.num_frames = int(num_frames)
+        self.num_frames = media.check_num_frames(int(num_frames))
         self.max_length = max_length
         self.grid_pinpoints = grid_pinpoints
         self.chat_template = chat_template  # the checkpoint's jinja text, for reference only
@@ -182,10 +209,13 @@ class Processor:
         labels hold the token id where a token is supervised (assistant text and each assistant turn's
         closing <|im_end|>) and -100 elsewhere; the whole string is tokenized at once, as transformers does."""
         images, videos = _listify(images), _listify(videos)
+        if not messages:
+            raise ValueError("empty conversation: no messages")
         pieces = self._render(messages, add_generation_prompt)
-        self._check_counts(["".join(t for t, _ in pieces)], images, videos)
+        full = "".join(t for t, _ in pieces)
+        k = self._num_frames(num_frames)
+        self._check_prompts([full], images, videos, k, multi_patch)
         image_iter, video_iter, pixels = iter(images), iter(videos), []
-        k = int(num_frames or self.num_frames)
         text, spans = "", []
         for piece, supervised in pieces:
             expanded = self._expand(piece, image_iter, video_iter, k, multi_patch, pixels)
@@ -204,7 +234,7 @@ class Processor:
     # ----------------------------------------------------------------------------------- encoding
     def encode(self, text):
         """Plain tokenization (no placeholder expansion) → list of ids."""
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(_valid_text(text)).ids
 
     def image_pixels(self, image):
         """One image (PIL / uint8 array / path) → float32 numpy (3,S,S)."""
@@ -213,19 +243,41 @@ class Processor:
     def video_frames(self, video, num_frames=None):
         """A video (file path or (T,H,W,3) array) → (PIL frames, frame indices, timestamps in s or None):
         the K frames `__call__` would use for it."""
-        return media.video_to_frames(video, int(num_frames or self.num_frames))
+        return media.video_to_frames(video, self._num_frames(num_frames))
 
-    def _check_counts(self, texts, images, videos):
+    def _num_frames(self, num_frames):
+        return self.num_frames if num_frames is None else media.check_num_frames(num_frames)
+
+    def _check_prompts(self, texts, images, videos, k, multi_patch):
+        """Everything that can be refused from the numbers alone, before any file is opened or decoded."""
+        for t in texts:
+            _valid_text(t)
+            if not t.strip():
+                raise ValueError("empty prompt: no text and no <image>/<video> placeholder")
         n_img = sum(t.count(self.image_token) for t in texts)
         n_vid = sum(t.count(VIDEO_TOKEN) for t in texts)
         for kind, n_ph, given in (("<image>", n_img, len(images)), ("<video>", n_vid, len(videos))):
             if n_ph != given:
                 raise ValueError(f"prompt has {n_ph} {kind} placeholder(s) but {given} "
                                  f"{kind.strip('<>')}(s) were given")
+        if self.max_length is None:
+            return
+        # each placeholder is one id of the image token once <video> is spelled <image> (added tokens split
+        # the text first), so text ids + the views' ids is the expanded prompt's exact length
+        views = 1 + min(-(-w // self.image_size) * -(-h // self.image_size) for w, h in (
+            self.grid_pinpoints or [(w * self.image_size, h * self.image_size) for w, h in media.DEFAULT_PINPOINTS]))
+        per_image = views if multi_patch else 1
+        videos = iter(videos)
+        for t in texts:
+            ids = self.tokenizer.encode(t.replace(VIDEO_TOKEN, self.image_token)).ids
+            n_ph = t.count(self.image_token) + t.count(VIDEO_TOKEN)
+            frames = sum(_frame_count(next(videos), k) for _ in range(t.count(VIDEO_TOKEN)))
+            n = len(ids) - n_ph + (t.count(self.image_token) * per_image + frames) * self.tokens_per_image
+            self._check_length(n, "at least " if multi_patch and t.count(self.image_token) else "")
 
-    def _check_length(self, n):
+    def _check_length(self, n, at_least=""):
         if self.max_length is not None and n > self.max_length:
-            raise ValueError(f"prompt is {n} tokens long (images included) but the model's "
+            raise ValueError(f"prompt is {at_least}{n} tokens long (images included) but the model's "
                              f"context is {self.max_length} tokens")
 
     def _expand(self, text, image_iter, video_iter, num_frames, multi_patch, pixels):
@@ -246,11 +298,13 @@ class Processor:
 
     def __call__(self, text, images=None, videos=None, num_frames=None, multi_patch=False):
         """Prompt(s) with `<image>`/`<video>` placeholders + media → input_ids, attention_mask, pixel_values."""
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, (str, bytes)) else _listify(text)
+        if not texts:
+            raise ValueError("empty prompt: no text given")
         images, videos = _listify(images), _listify(videos)
-        self._check_counts(texts, images, videos)
+        k = self._num_frames(num_frames)
+        self._check_prompts(texts, images, videos, k, multi_patch)
         image_iter, video_iter, pixels, seqs = iter(images), iter(videos), [], []
-        k = int(num_frames or self.num_frames)
         for t in texts:
             ids = self.tokenizer.encode(self._expand(t, image_iter, video_iter, k, multi_patch, pixels)).ids
             self._check_length(len(ids))

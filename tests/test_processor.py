@@ -203,16 +203,14 @@ def test_attributes(proc, tiny_dir):
     assert (proc.image_size, proc.tokens_per_image, proc.max_length) == (S, TPI, 32768)
 
 
-MODES = ["RGB", "L", "RGBA", "LA", "P", "P+transparency", "CMYK", "1", "I;16"]
+MODES = ["RGB", "L", "RGBA", "LA", "P", "P+transparency", "CMYK", "1"]
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("hw", [(37, 91), (120, 33), (S, S)])
 def test_pixel_values_match_siglip_pil_backend(proc, hf, mode, hw):
     h, w = hw
-    if mode == "I;16":
-        im = Image.fromarray(np.random.default_rng(0).integers(0, 65536, (h, w), dtype=np.uint16))
-    elif mode == "P+transparency":
+    if mode == "P+transparency":
         im = _rng_image(h, w, 4, "RGB").convert("P")
         im.info["transparency"] = 7
     else:
@@ -221,6 +219,62 @@ def test_pixel_values_match_siglip_pil_backend(proc, hf, mode, hw):
     # "don't convert" (non-RGB images then fail there); ours always converts, as do_convert_rgb=True.
     ref = hf.image_processor(im, do_convert_rgb=True, return_tensors="np")["pixel_values"][0]
     assert np.abs(proc.image_pixels(im) - ref).max() <= 1e-6
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(proc, hf, tmp_path):
+    """16-bit: the high byte (as Pillow reads 16-bit RGB PNGs); float in [0, 1]: round(v * 255). transformers'
+    convert("RGB") clips both at 255 (a mostly white image), the one place we differ on purpose."""
+    a16 = np.random.default_rng(0).integers(0, 65536, (37, 91), dtype=np.uint16)
+    grey = Image.fromarray((a16 >> 8).astype(np.uint8))
+    ref = hf.image_processor(grey, do_convert_rgb=True, return_tensors="np")["pixel_values"][0]
+    png = tmp_path / "a16.png"
+    Image.fromarray(a16).save(png)
+    assert Image.open(png).mode == "I;16"
+    for im in (Image.fromarray(a16), png, Image.fromarray(a16.astype(np.int32))):
+        assert np.abs(proc.image_pixels(im) - ref).max() == 0
+    clipped = hf.image_processor(Image.fromarray(a16), do_convert_rgb=True, return_tensors="np")["pixel_values"][0]
+    assert (clipped > 0.9).mean() > 0.9  # what transformers gives: white
+    f = np.random.default_rng(1).random((20, 30), dtype=np.float32)
+    tif = tmp_path / "f.tif"
+    Image.fromarray(f).save(tif)
+    ref = hf.image_processor(Image.fromarray(np.round(f * 255).astype(np.uint8)), do_convert_rgb=True,
+                             return_tensors="np")["pixel_values"][0]
+    for im in (Image.fromarray(f), tif):
+        assert np.abs(proc.image_pixels(im) - ref).max() == 0
+    for bad, what in ((f * 255, r"^float image with values 1\.48.*\.\.254\.7"), (f - 0.5, "float image with values -0.4"),
+                      (np.full((4, 4), np.nan, np.float32), "nan"), (np.full((4, 4), -1, np.int32), "integer image")):
+        with pytest.raises(media.MediaError, match=what):
+            proc.image_pixels(Image.fromarray(bad))
+
+
+def test_large_files_are_shrunk_while_decoding(proc, hf, tmp_path, monkeypatch):
+    """Above MAX_PIXELS a file is decoded smaller (JPEG: libjpeg's 1/2..1/8 scaling; others: reduce) and
+    oriented by its EXIF tag; at or below it, pixels stay transformers' (the parity tests above)."""
+    rng = np.random.default_rng(3)
+    small = np.repeat(np.repeat(rng.integers(0, 256, (15, 20, 3), dtype=np.uint8), 16, 0), 16, 1)  # 240x320
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate
+    jpg, png, tif = tmp_path / "big.jpg", tmp_path / "big.png", tmp_path / "big16.tif"
+    Image.fromarray(small).save(jpg, exif=exif, quality=95)
+    Image.fromarray(small).save(png, exif=exif)
+    Image.fromarray(small[..., 0].astype(np.uint16) * 257).save(tif)
+    full = {p: media.to_rgb(p) for p in (jpg, png, tif)}
+    assert full[jpg].size == full[png].size == (240, 320) and full[tif].size == (320, 240)
+    monkeypatch.setattr(media, "MAX_PIXELS", 100 * 100)
+    for p in (jpg, png, tif):
+        got = media.to_rgb(p)
+        assert 2500 <= got.size[0] * got.size[1] <= 100 * 100
+        assert (got.size[0] < got.size[1]) == (full[p].size[0] < full[p].size[1])  # oriented as the full read
+        coarse = [np.asarray(im.resize((15, 20) if im.size[0] < im.size[1] else (20, 15), Image.BOX), np.int16)
+                  for im in (got, full[p])]
+        assert np.abs(coarse[0] - coarse[1]).mean() < 10  # the same 15x20 grid of colours (unrelated: ~85)
+    from PIL import JpegImagePlugin
+
+    drafted, real = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda im, m, s: drafted.append((real(im, m, s), im.size)[1]))
+    media.to_rgb(jpg)
+    assert drafted == [(160, 120)]  # libjpeg decoded at 1/2 scale: the full-size pixels never existed
 
 
 def test_pixel_values_numpy_and_path_inputs(proc, hf, tmp_path):
@@ -462,7 +516,7 @@ def test_placeholder_count_errors(proc):
 
 def test_bad_files(proc, tmp_path, clip):
     missing = tmp_path / "nope.png"
-    with pytest.raises(ValueError, match=f"image file not found: {missing}"):
+    with pytest.raises(FileNotFoundError, match=f"image file not found: {missing}"):
         proc("<image>", images=[missing])
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(os.urandom(500))
@@ -475,7 +529,7 @@ def test_bad_files(proc, tmp_path, clip):
     with pytest.raises(ValueError, match=f"cannot read image file {cut}"):
         proc("<image>", images=[cut])
 
-    with pytest.raises(ValueError, match=f"video file not found: {tmp_path / 'nope.mp4'}"):
+    with pytest.raises(FileNotFoundError, match=f"video file not found: {tmp_path / 'nope.mp4'}"):
         proc("<video>", videos=[tmp_path / "nope.mp4"])
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(os.urandom(3000))
@@ -483,16 +537,14 @@ def test_bad_files(proc, tmp_path, clip):
         proc("<video>", videos=[bad])
     cut = tmp_path / "cut.mp4"  # mp4 with its index (moov) cut off
     cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
-    with pytest.raises(ValueError, match=f"cannot read video file {cut}"):
+    with pytest.raises(media.MediaError, match=f"cannot read video file {cut}: its mp4 index .moov atom. is missing"):
         media.load_video(cut, 4)
     webm = tmp_path / "clip.webm"  # header and the first bytes only: no decodable frame
     _encode_clip(webm, "libvpx-vp9", options=VP9)
     cut = tmp_path / "cut.webm"
     cut.write_bytes(webm.read_bytes()[: webm.stat().st_size * 3 // 10])
-    with pytest.raises(ValueError, match=f"no decodable video frames in {cut}"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            media.load_video(cut, 4)
+    with pytest.raises(media.MediaError, match=f"no decodable video frames in {cut}"):
+        media.load_video(cut, 4)
     audio = tmp_path / "audio.mkv"
     with av.open(str(audio), "w") as c:
         s = c.add_stream("mp2", rate=44100)
@@ -503,7 +555,7 @@ def test_bad_files(proc, tmp_path, clip):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-    with pytest.raises(ValueError, match=f"no video stream in {audio}"):
+    with pytest.raises(media.MediaError, match=f"no video stream in {audio}"):
         media.load_video(audio, 4)
 
 
