@@ -24,6 +24,8 @@ alike. Numbers are medians over repeats; ratios are minterleave / transformers.
 - decode bandwidth: parameter bytes read per token (decoder layers, final norm, lm_head matrix;
   not the vision tower) x tokens/s, and its fraction of the machine's read bandwidth, measured
   first: the faster of a sum over a 1 GB fp32 tensor and a 1-row bf16 matmul over a 1 GB matrix.
+Bad input ends with one line on stderr (`bench.py: error: ...`, exit status 1; 2 for a bad flag), a worker's
+too; --debug shows the traceback instead.
 """
 import argparse
 import gc
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from minterleave import cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "cache", "bench-0.5b")
@@ -111,7 +115,7 @@ def worker(impl, path, dtype_name, spec):
         from minterleave.quantize import quantize_int8
 
         def load():
-            model = mi.Model.from_pretrained(path, dtype=dtype)
+            model = mi.Model.from_pretrained(path, dtype=dtype, check_finite=spec.get("check_finite", True))
             if spec.get("quantize") == "int8":
                 quantize_int8(model)
             return model.prepare_for_inference(path)  # packed bf16 decoder weights on a CPU
@@ -171,8 +175,13 @@ class Worker:
     def read(self):
         line = self.p.stdout.readline()
         if not line:
+            self.p.wait()
             self.log.seek(0)
-            raise RuntimeError(f"the {self.impl} worker died:\n{self.log.read()[-4000:]}")
+            log = self.log.read()
+            last = log.strip().splitlines()[-1:]
+            if self.p.returncode == 1 and last and last[0].startswith("bench.py: error: "):
+                raise ValueError(last[0][len("bench.py: error: "):])  # bad input, e.g. weights: its one line
+            raise RuntimeError(f"the {self.impl} worker died:\n{log[-4000:]}")
         return json.loads(line)
 
     def call(self, **req):
@@ -303,10 +312,10 @@ def main(argv=None):
         return bench_attention(argv[1:])
     if argv[:1] == ["_worker"]:
         return worker(*argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
     p.add_argument("--dtypes", default="bfloat16,float32", help="dtypes to run, in order (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=cli.positive_int, default=3,
                    help="repeats of loading and of the 1-image measurements (default: %(default)s)")
     p.add_argument("--heavy-repeats", type=int, default=1,
                    help="repeats of the 4- and 8-image measurements (default: %(default)s)")
@@ -322,11 +331,14 @@ def main(argv=None):
     p.add_argument("--quantize", choices=["int8"],
                    help="minterleave with int8 weight-only decoder weights (default: off)")
     p.add_argument("--json", help="write the results to this file (default: print only)")
+    p.add_argument("--no-check-finite", action="store_true",
+                   help="skip minterleave's NaN/Inf check of the weights (transformers has none)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.heavy_repeats, args.new_tokens = 1, 1, 8
-    if args.new_tokens < 2 or args.repeats < 1:
-        p.error("--new-tokens must be at least 2 (decode speed needs two stamps) and --repeats at least 1")
+    if args.new_tokens < 2:
+        p.error("argument --new-tokens: expected at least 2 (decode speed needs two stamps)")
     from minterleave import hub
     from minterleave.config import load_config
     path = hub.resolve(args.model) if args.model else DEFAULT_MODEL  # a hub id: its folder in the hub cache
@@ -334,7 +346,8 @@ def main(argv=None):
         build_default_checkpoint(path)
     cfg = load_config(path)
     spec = dict(vocab=cfg.text.vocab_size, image_token=cfg.image_token_id, image_size=cfg.vision.image_size,
-                tokens_per_image=cfg.tokens_per_image, threads=args.threads, quantize=args.quantize)
+                tokens_per_image=cfg.tokens_per_image, threads=args.threads, quantize=args.quantize,
+                check_finite=not args.no_check_finite)
     impls = ["minterleave"] if args.only else ["minterleave", "transformers"]
     if args.threads:
         import torch
@@ -366,4 +379,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

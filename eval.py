@@ -11,7 +11,8 @@ the first gpt turn, metadata.question_type "multi-choice" or "open-ended"). How 
 
 Printed: a table per question type (synthetic) or per dataset and question type (--data) with the chance
 level, then ONE JSON line {"domain", "accuracy", "chance", "n"} (--domain all adds "per_domain"; --data
-adds "macro", the mean over the table's rows).
+adds "macro", the mean over the table's rows). Bad input ends with one line on stderr (`eval.py: error: ...`,
+exit status 1; 2 for a bad flag); --debug shows the traceback instead.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import time
 import torch
 
 import minterleave as mi
-from minterleave import data, scoring, tasks
+from minterleave import cli, data, scoring, tasks
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "minterleave-tiny")
 
@@ -35,30 +36,35 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id")
     p.add_argument("--domain", default="all", choices=(*tasks.DOMAINS, "all"), help="synthetic domain")
-    p.add_argument("--n", type=int, default=200, help="questions per domain")
+    p.add_argument("--n", type=cli.positive_int, default=200, help="questions per domain")
     p.add_argument("--seed", type=int, default=0, help=f"evaluation seed, 0..{data.EVAL_SEED_LIMIT - 1}")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="Interleave-Bench-format JSON to score (default: none, synthetic questions)")
     p.add_argument("--image-root", default=None, metavar="DIR", help="--data: image folder (default: the JSON's)")
-    p.add_argument("--limit", type=int, default=None, help="--data: score the first N records only (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="--data: score the first N records only (default: all)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                    help="new tokens per answer (default: 8 for synthetic questions, 16 with --data, as lmms-eval)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute dtype")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--attn", default=None, choices=mi.attention.BACKENDS,
                    help="attention backend (default: the library's choice for the device)")
     p.add_argument("--verbose", action="store_true", help="print every wrong synthetic answer")
+    p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of the weights (faster load)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
     if not 0 <= args.seed < data.EVAL_SEED_LIMIT:
         p.error(f"--seed must be in [0, {data.EVAL_SEED_LIMIT}): larger seeds reach the training range")
     if args.attn:
         mi.set_backend(args.attn)
+    if args.data:
+        data.load_records(args.data)  # a missing or malformed file is found before the model is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = mi.Model.from_pretrained(args.model, device=device, dtype=args.dtype)
+    model = mi.Model.from_pretrained(args.model, device=device, dtype=args.dtype,
+                                     check_finite=not args.no_check_finite)
     proc = mi.Processor.from_pretrained(args.model)
     t0 = time.time()
     if args.data:
@@ -85,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -10,7 +10,8 @@
 The prompt may place media itself with `<image>` / `<video>` placeholders (filled in the
 order given: --image files, then --views, then --video); without placeholders every medium goes
 first, as the chat template does. The answer streams as it is generated; a last line gives the
-prompt length, the number of new tokens and the speed.
+prompt length, the number of new tokens and the speed. Bad input ends with one line on stderr
+(`sample.py: error: ...`, exit status 1; 2 for a bad flag); --debug shows the traceback instead.
 """
 
 import argparse
@@ -19,28 +20,36 @@ import sys
 
 import torch
 
+from minterleave import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = os.path.join(HERE, "weights", "minterleave-tiny")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=BUNDLED,
                    help="checkpoint folder or hub id, e.g. llava-hf/llava-interleave-qwen-0.5b-hf (default: the "
                         "bundled tiny model, %(default)s)")
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable, in order)")
     p.add_argument("--video", help="a video file (frames sampled uniformly)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=cli.positive_int, default=None,
                    help="frames to sample from --video (default: the checkpoint's num_frames, else 16)")
     p.add_argument("--views", nargs="+", default=[], help="views of one 3D scene (one image each)")
     p.add_argument("--multi-patch", action="store_true", help="tile the single --image AnyRes-style (overview + tiles)")
-    p.add_argument("--prompt", default=None,
-                   help="the question; may contain <image>/<video> placeholders (default: the bundled model's "
-                        "one-question-per-domain tour without media, 'Describe what you see.' with them)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    ask = p.add_mutually_exclusive_group()
+    ask.add_argument("--prompt", default=None, type=cli.utf8_text,
+                     help="the question; may contain <image>/<video> placeholders. Without one (or with an empty "
+                          "one): 'Describe what you see.' when media are given, else the model's "
+                          "one-question-per-domain tour")
+    ask.add_argument("--prompt-file", default=None, metavar="FILE", help="read the question from FILE (UTF-8)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=64,
+                   help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=cli.positive_int, default=None,
+                   help="sample from the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=cli.probability, default=None,
+                   help="nucleus sampling threshold, in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
@@ -50,7 +59,16 @@ def parse_args(argv=None):
                    help="int8 weight-only decoder weights (faster CPU decoding, small logit drift; default: off)")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"],
                    help="attention backend (default: triton on CUDA, sdpa elsewhere)")
-    return p.parse_args(argv)
+    p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of the weights (faster load)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    args = p.parse_args(argv)
+    if args.prompt_file is not None:  # read now: a bad file is found before the model is loaded
+        args.prompt = cli.read_text(args.prompt_file, "--prompt-file").removesuffix("\n")
+    if args.prompt is not None and not args.prompt.strip():
+        args.prompt = None  # an empty prompt is no prompt, as --help says
+    if args.multi_patch and len(args.image) != 1:
+        p.error("--multi-patch needs exactly one --image")
+    return args
 
 
 def build_prompt(proc, question, n_images, has_video):
@@ -72,7 +90,8 @@ def main(argv=None):
     if args.attn:
         mi.set_backend(args.attn)
     path = hub.resolve(args.model)  # a folder, or a hub id fetched once into the hub cache
-    model = mi.Model.from_pretrained(path, device=args.device, dtype=args.dtype)
+    model = mi.Model.from_pretrained(path, device=args.device, dtype=args.dtype,
+                                     check_finite=not args.no_check_finite)
     if args.quantize == "int8":
         from minterleave.quantize import quantize_int8
         quantize_int8(model)
@@ -83,8 +102,6 @@ def main(argv=None):
     media = args.image or args.views or args.video
     if args.prompt is None and not media:  # the one-example-per-domain tour of the bundled model
         return run_demo(model, proc, gen, model_name=args.model)
-    if args.multi_patch and len(args.image) != 1:
-        raise ValueError("--multi-patch needs exactly one --image")
     question = args.prompt or "Describe what you see."
     images = args.image + args.views
     prompt = build_prompt(proc, question, len(images), bool(args.video))
@@ -95,8 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli.run(main))
