@@ -240,7 +240,7 @@ def load_config(path: str) -> ModelConfig:
     root = path if os.path.isdir(path) else os.path.dirname(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise ConfigError(f"{file}: no config.json (a checkpoint folder holds config.json and *.safetensors)")
+        raise FileNotFoundError(f"{path}: no config.json (a checkpoint folder holds config.json and *.safetensors)")
     try:
         with open(file) as f:
             d = json.load(f)

@@ -19,10 +19,14 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
 
 
 def resolve(path_or_id):
-    """The local folder for a checkpoint folder or a hub id; FileNotFoundError (one line) if neither."""
+    """The local folder for a checkpoint folder or a hub id; FileNotFoundError (one line) if neither,
+    NotADirectoryError for a file."""
     name = os.fspath(path_or_id)
     if os.path.isdir(name):
         return name
+    if os.path.exists(name):  # e.g. the weights file itself: say so rather than "no such folder"
+        raise NotADirectoryError(f"{name}: is a file, not a checkpoint folder (the folder holding config.json "
+                                 f"and *.safetensors)")
     if not REPO_ID.fullmatch(name) or "--" in name or ".." in name:
         raise FileNotFoundError(f"{name}: no such checkpoint folder (nor a hub id like org/name)")
     try:

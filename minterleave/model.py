@@ -33,8 +33,15 @@ class Model(nn.Module):
         self.eos_token_ids = []  # generate's default stop ids: from_pretrained reads config.special_tokens
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load a checkpoint folder (config.json + safetensors, any supported layout)."""
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, check_finite=True):
+        """Load a checkpoint folder (config.json + safetensors, any supported layout) or a hub id.
+
+        A missing folder, config.json or weights file is a FileNotFoundError (a file given as the folder a
+        NotADirectoryError); bad content a ConfigError or WeightsError (ValueErrors); each one line naming the
+        file. check_finite: a tensor holding NaN or Inf (or, loading in float16, values beyond its range) is
+        a WeightsError naming the tensor and its file. The check is one min/max reduction per tensor as it is
+        read; on the 0.5B model (864M values, 2 CPU cores, median of 3) loading takes ~0.55 s instead of
+        ~0.35 s in bfloat16 and ~1.35 s instead of ~1.0 s in float32. check_finite=False skips it."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
@@ -45,7 +52,7 @@ class Model(nn.Module):
         with torch.device("meta"):
             model = cls(cfg).to(dtype)  # free: meta tensors have no storage
         model = model.to_empty(device=device)
-        weights.load_weights(model, path, cfg, where)
+        weights.load_weights(model, path, cfg, where, check_finite)
         model.eos_token_ids = special_tokens(path)["eos"]
         return model.eval()
 

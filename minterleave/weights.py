@@ -15,6 +15,7 @@ agree, else through one temporary, so loading holds the model plus at most one t
 with plain file reads at the offsets the safetensors header gives rather than through mmap:
 mapped pages count towards the process's resident memory until unmapped, which would add the
 whole file on top of the model.
+Each tensor is checked for NaN/Inf right after it is read (`check_finite`): one min/max reduction.
 """
 
 import json
@@ -157,12 +158,12 @@ def weight_files(path: str) -> dict:
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
-            raise WeightsError(f"{path}: no *.safetensors weights found (and no model.safetensors.index.json)")
+            raise FileNotFoundError(f"{path}: no *.safetensors weights found (and no model.safetensors.index.json)")
     where = {}
     for fname in files:
         file = os.path.join(path, fname)
         if not os.path.isfile(file):
-            raise WeightsError(f"{index}: lists shard {fname}, which is missing")
+            raise FileNotFoundError(f"{index}: lists shard {fname}, which is missing")
         for key in read_header(file)[1]:
             if key in where:
                 raise WeightsError(f"{file}: tensor {key} is also in {where[key]}")
@@ -177,8 +178,34 @@ def detect_layout(cfg: ModelConfig, where: dict) -> str:
     return "hf5" if "vision_tower.embeddings.patch_embedding.weight" in where else "llava-hf"
 
 
-def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
-    """Copy every tensor of the checkpoint at `path` into `model` (converted to its dtype)."""
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN and no Inf in `t`. min and max propagate NaN, so one reduction decides, exactly and with no
+    temporary: ~40x faster than torch.isfinite(t).all(), which writes a bool per element, and ~10x faster than
+    t.abs().amax() (a sum would be cheap too but can overflow on finite half-precision values)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def nonfinite_error(f, start: int, info: dict, name: str, dtype: torch.dtype) -> WeightsError:
+    """The one-line error for a tensor that is not finite once loaded in `dtype`: its NaN and Inf counts
+    in the file, or, if the file's values are finite, that they overflow `dtype` (only on failure, so
+    re-reading the tensor costs nothing in the normal case)."""
+    src = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+    read_into(f, start, info, src)
+    nan, inf = int(src.isnan().sum()), int(src.isinf().sum())
+    if nan or inf:
+        return WeightsError(f"{f.name}: tensor {name} holds {nan} NaN and {inf} Inf values (of {src.numel()}); "
+                            f"refused (check_finite=False or --no-check-finite loads it anyway)")
+    big = src.abs().max().item()
+    return WeightsError(f"{f.name}: tensor {name} holds values up to {big:.4g}, beyond {str(dtype)[6:]}'s range "
+                        f"(they would load as Inf); load it in float32 or bfloat16")
+
+
+def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_finite: bool = True):
+    """Copy every tensor of the checkpoint at `path` into `model` (converted to its dtype). With check_finite,
+    a tensor holding NaN or Inf once loaded is an error naming it and its file."""
     where = where if where is not None else weight_files(path)
     layout = detect_layout(cfg, where)
     vision_layers = len(model.vision.layers)
@@ -199,16 +226,26 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None):
     for ck, (ours, rows) in names.items():
         target = params[ours].data if rows is None else params[ours].data[rows[0]:rows[1]]  # rows: a view
         by_file.setdefault(where[ck], []).append((ck, target))
-    with torch.no_grad():
-        for file, pairs in by_file.items():
-            start, header = read_header(file)
-            for ck, target in pairs:  # check every shape before reading anything
-                if tuple(header[ck]["shape"]) != tuple(target.shape):
-                    raise WeightsError(f"{file}: tensor {ck} has shape {header[ck]['shape']}, "
-                                       f"expected {list(target.shape)}")
-            with open(file, "rb") as f:
-                for ck, target in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
-                    read_into(f, start, header[ck], target)
+    # One thread while reading: the reads are serial and the tensor ops between them (a dtype conversion, the
+    # finite check) memory-bound; with more, OpenMP's idle workers spin between those ops and take the reading
+    # thread's core (on 2 busy cores a float32 0.5B load took 3.3 s instead of 0.95 s; the check cost 2.4 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for file, pairs in by_file.items():
+                start, header = read_header(file)
+                for ck, target in pairs:  # check every shape before reading anything
+                    if tuple(header[ck]["shape"]) != tuple(target.shape):
+                        raise WeightsError(f"{file}: tensor {ck} has shape {header[ck]['shape']}, "
+                                           f"expected {list(target.shape)}")
+                with open(file, "rb") as f:
+                    for ck, target in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
+                        read_into(f, start, header[ck], target)
+                        if check_finite and not is_finite(target):
+                            raise nonfinite_error(f, start, header[ck], ck, target.dtype)
+    finally:
+        torch.set_num_threads(threads)
     return layout
 
 
