@@ -501,3 +501,14 @@ def test_weights_a_file_given_as_the_checkpoint_folder(tmp_path):  # row 12
         with pytest.raises(NotADirectoryError) as e:
             load(file)
         assert str(e.value).startswith(f"{file}: is a file, not a checkpoint folder")
+
+
+@needs_tiny
+def test_weights_nonfinite_checkpoint_on_the_command_line(tmp_path):  # row 2, as the user meets it
+    for name in os.listdir(TINY):
+        if os.path.isfile(os.path.join(TINY, name)):
+            (tmp_path / name).write_bytes(open(os.path.join(TINY, name), "rb").read())
+    _poke(str(tmp_path / "model.safetensors"), "language_model.model.norm.weight", float("nan"))
+    args = ("sample.py", "--model", tmp_path, "--prompt", "Hi", "--max-new-tokens", "1")
+    one_line_error(script(*args), 1, tmp_path / "model.safetensors", "language_model.model.norm.weight", "NaN")
+    assert script(*args, "--no-check-finite").returncode == 0
