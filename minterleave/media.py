@@ -1,4 +1,4 @@
-"""Media → pixels: image loading/RGB conversion, the SigLIP pixel pipeline, AnyRes tiling, video sampling.
+"""Images → pixels: loading and RGB conversion, the SigLIP pixel pipeline, AnyRes tiling (video: video.py).
 
 Pixel values follow transformers' PIL backend of SiglipImageProcessor exactly (same Pillow calls, same
 numpy dtypes), so they are bit-equal to `LlavaProcessor` in a venv without torchvision:
@@ -14,28 +14,22 @@ numpy dtypes), so they are bit-equal to `LlavaProcessor` in a venv without torch
   Note: the official preprocessor_config.json says `"do_convert_rgb": null`, which transformers 5.24
   takes as "do not convert" (its SigLIP processor then fails on L/P/RGBA/CMYK images); we always
   convert, i.e. we match transformers with do_convert_rgb=True (and exactly, on RGB inputs, without).
-* Where we differ from transformers on purpose (files and PIL images alike):
-  - 16-bit samples (modes I;16, I;16B, ...; 16-bit grey PNG and TIFF) keep their HIGH BYTE (v >> 8),
-    which is what Pillow itself does when it opens a 16-bit RGB/RGBA PNG. transformers goes through
-    PIL's `convert("RGB")`, which CLIPS at 255 and turns most 16-bit images white. 32-bit integer
-    images (mode I) are read as 16-bit samples (older Pillow opens 16-bit PNGs as I); values outside
-    0..65535 are refused (MediaError).
-  - float images (mode F, float TIFF): values in [0, 1] become round(v × 255); anything else (values
-    outside [0, 1], NaN) is refused with MediaError naming the range — there is no scale to guess.
-  - animated GIF/WebP/APNG files: the first frame is used, with one warning per file read.
-  - files over MAX_PIXELS (2^25, about 33.5 M pixels; 8K UHD fits) are shrunk while decoding, since
-    the processor resizes to S×S anyway: JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
-    (`Image.draft`), other formats are read once and `reduce`d by an integer factor at once. Peak
-    memory for a file just under Pillow's bomb limit (89.4 M pixels, 9440×9470), measured as VmHWM
-    growth around `Processor.image_pixels`: JPEG 81 MB (was 1.0 GB), 8-bit RGB PNG 340 MB (1.0 GB),
-    16-bit grey PNG 290 MB. Smaller files are read at full size, so their pixels stay bit-equal.
+* Unlike transformers on purpose, whose `convert("RGB")` CLIPS these at 255 (mostly white images):
+  16-bit samples (I;16 modes: 16-bit grey PNG/TIFF) keep their high byte, v >> 8, as Pillow itself
+  reads 16-bit RGB PNGs; 32-bit integer (I) images the same when within 0..65535; float (F) images in
+  [0, 1] become round(v × 255). Other ranges (and NaN) are a MediaError: there is no scale to guess.
+* Animated GIF/WebP/PNG files: the first frame, with one warning per file read.
+* Files over MAX_PIXELS (2^25, 33.5 M pixels; 8K UHD fits) are shrunk while decoding, since the
+  processor resizes to S×S anyway: JPEG decodes at 1/2..1/8 scale (`Image.draft`), others are read
+  once and `reduce`d a band of rows at a time. Peak memory (VmHWM growth) for a file just under
+  Pillow's bomb limit, 9440×9470: JPEG 94 MB (1.0 GB before), RGB or RGBA PNG 460 MB (1.0 GB),
+  16-bit grey PNG 290 MB (680 MB). Smaller files are read whole: pixels bit-equal to transformers'.
 * `preprocess`: PIL `resize((S,S), BICUBIC)` (reducing_gap None), then `uint8 → float64 * 1/255 →
   float32`, then `(x - mean) / std` in float32; returned channels-first (3,S,S).
-* Errors: a missing file is FileNotFoundError, a directory IsADirectoryError, unreadable or
-  undecodable content MediaError (a ValueError); every message is one line naming the file.
+* Errors: a missing file is FileNotFoundError, a directory IsADirectoryError, content that cannot be
+  used MediaError (a ValueError); each message is one line naming the file.
 """
 
-import contextlib
 import math
 import os
 import warnings
@@ -43,7 +37,6 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import DEFAULT_NUM_FRAMES
 
 BICUBIC = 3
 
@@ -61,7 +54,8 @@ class MediaError(ValueError):
     """An image or video whose content cannot be used: unreadable, truncated, or no defined 8-bit RGB."""
 
 
-def _check_file(path, kind):
+def check_file(path, kind):
+    """FileNotFoundError / IsADirectoryError naming `path`, before anything opens it."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a directory, not {kind} file")
     if not os.path.isfile(path):
@@ -86,18 +80,18 @@ def to_rgb(image):
 
 def _eight_bit(im, name=None):
     """16-bit, 32-bit integer and float images → mode L by the module docstring's rules; others as they are."""
+    who = f"{name}: " if name else ""
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im)
         if im.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
-            raise MediaError(f"{name + ': ' if name else ''}32-bit integer image with values {a.min()}..{a.max()}: "
-                             "no defined 8-bit scale (expected 0..65535)")
+            raise MediaError(f"{who}32-bit integer image with values {a.min()}..{a.max()}: no defined 8-bit scale "
+                             "(expected 0..65535)")
         return Image.fromarray((a >> 8).astype(np.uint8), "L")
     if im.mode == "F":
         a = np.asarray(im)
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if not (0 <= lo and hi <= 1):  # NaN fails too
-            raise MediaError(f"{name + ': ' if name else ''}float image with values {lo:g}..{hi:g}: only [0, 1] has a defined "
-                             "8-bit scale")
+            raise MediaError(f"{who}float image with values {lo:g}..{hi:g}: only [0, 1] has a defined 8-bit scale")
         return Image.fromarray(np.round(a * 255).astype(np.uint8), "L")
     return im
 
@@ -118,7 +112,7 @@ def _shrink_factor(size):
 
 
 def _open_image(path):
-    _check_file(path, "image")
+    check_file(path, "image")
     try:
         fh = open(path, "rb")  # ours, not Pillow's: closing it leaves the returned pixels alone
     except PermissionError:
@@ -229,180 +223,3 @@ def anyres_tiles(image, size, pinpoints=None):
              for y in range(0, h, size) for x in range(0, w, size)]
     overview = image.resize((size, size), resample=BICUBIC)
     return [overview] + tiles, (math.ceil(w / size), math.ceil(h / size))
-
-
-# ------------------------------------------------------------------------------------------ video
-
-def sample_indices(n_frames, k):
-    """The K frame indices used everywhere: `np.linspace(0, n_frames - 1, K).astype(int)`."""
-    return np.linspace(0, n_frames - 1, k).astype(int).tolist()
-
-
-def check_num_frames(k):
-    """num_frames as a positive int (checked before anything is decoded)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"num_frames must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"num_frames must be >= 1, got {k}")
-    return int(k)
-
-
-def load_video(path, num_frames=DEFAULT_NUM_FRAMES):
-    """Decode K = num_frames uniformly sampled frames of a video file with PyAV.
-
-    Returns (frames uint8 (K,H,W,3) RGB, timestamps: list of K presentation times in seconds).
-    Streaming: frames are decoded in order and only the selected ones are converted to RGB and kept,
-    so memory is K frames whatever the clip length. The frame count n is the container's declared
-    count when it has one (mp4/mov/avi) and it proves right; otherwise (mkv/webm, or a declared count
-    the decoder disagrees with) one extra counting pass decodes the clip without RGB conversion —
-    about the cost of one more decode. If n < K, indices repeat (linspace rounding).
-    A damaged file is a MediaError saying what was decoded and what is missing: fewer frames than the
-    container declares with libav errors on the way (a truncated mp4), a decoder error mid-stream, or
-    an mp4 cut before its index. libav's own log lines are collected, never printed.
-    """
-    return _load_video(path, num_frames)[:2]
-
-
-@contextlib.contextmanager
-def _libav_errors():
-    """libav's error lines of the block, collected instead of printed or logged (whatever level the caller
-    gave PyAV), so that a damaged file ends in one line of ours."""
-    import av.logging as avlog
-
-    level, skip = avlog.get_level(), avlog.get_skip_repeated()
-    avlog.set_level(avlog.ERROR)
-    avlog.set_skip_repeated(False)  # an error already seen in an earlier pass must count again
-    try:
-        with avlog.Capture(local=False) as logs:  # decoder threads log too
-            yield logs
-    finally:
-        avlog.set_skip_repeated(skip)
-        avlog.set_level(level)
-
-
-def _ends_early(logs):
-    text = " ".join(m for _, _, m in logs)
-    if any(s in text for s in ("partial file", "ended prematurely", "moov atom not found")):
-        return "the file ends early: cut short or still being written"
-    return f"libav: {logs[-1][2].strip()}"
-
-
-def _load_video(path, k):
-    path, k = os.fspath(path), check_num_frames(k)
-    with _libav_errors() as logs:
-        declared = _declared_frame_count(path)
-        if declared > 0:
-            idx = sample_indices(declared, k)
-            n, kept = _decode(path, idx, declared)
-            if n == declared:
-                return _stack(kept, idx), [t for _, t in kept], idx, n
-            if n < declared and logs:
-                raise MediaError(f"{path}: truncated or damaged video: decoded {n} of the {declared} frames its "
-                                 f"container declares, frames {n}..{declared - 1} missing ({_ends_early(logs)})")
-            if n > declared:  # more frames than declared: the first pass stopped early, count them all
-                n = _decode(path, (), None)[0]
-        else:
-            n = _decode(path, (), None)[0]
-        if n == 0:
-            raise MediaError(f"no decodable video frames in {path}" + (f" ({_ends_early(logs)})" if logs else ""))
-        if declared > 0:
-            warnings.warn(f"{path}: container declares {declared} frames, decoder yields {n}; using {n}")
-        idx = sample_indices(n, k)
-        m, kept = _decode(path, idx, n)
-        if m != n:
-            raise MediaError(f"cannot decode video file {path}: frame count changed between passes")
-        return _stack(kept, idx), [t for _, t in kept], idx, n
-
-
-def _open_video(path):
-    import av
-
-    _check_file(path, "video")
-    try:
-        container = av.open(path)
-    except PermissionError:
-        raise PermissionError(f"{path}: permission denied") from None
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        if "moov atom not found" in str(e):
-            raise MediaError(f"cannot read video file {path}: its mp4 index (moov atom) is missing: the file "
-                             "was cut short or is still being written; nothing can be decoded") from None
-        raise MediaError(f"cannot read video file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not container.streams.video:
-        container.close()
-        raise MediaError(f"no video stream in {path}")
-    return container
-
-
-def _frames(path, container):
-    """Decoded frames of the first video stream; a decoder error mid-stream is a MediaError."""
-    import av
-
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    it = container.decode(stream)
-    n = 0
-    while True:
-        try:
-            frame = next(it)
-        except StopIteration:
-            return
-        except av.FFmpegError as e:
-            why = getattr(e, "strerror", None) or e
-            if n == 0:
-                raise MediaError(f"no decodable video frames in {path} (libav: {why})") from None
-            raise MediaError(f"{path}: damaged video: decoding failed after {n} frames (libav: {why})") from None
-        n += 1
-        yield frame
-
-
-def _declared_frame_count(path):
-    with _open_video(path) as c:
-        return max(int(c.streams.video[0].frames or 0), 0)
-
-
-def _decode(path, indices, limit):
-    """One decoding pass → (frames decoded, stopping at limit + 1; [(rgb, time)] for `indices`, sorted,
-    repeats kept). Only the kept frames are converted to RGB."""
-    want = {}
-    for i in indices:
-        want[i] = want.get(i, 0) + 1
-    kept, size, count = [], None, 0
-    with _open_video(path) as c:
-        stream = c.streams.video[0]
-        rate = float(stream.average_rate) if stream.average_rate else None
-        for i, frame in enumerate(_frames(path, c)):
-            count = i + 1
-            if limit is not None and i >= limit:
-                break  # more frames than expected
-            if i in want:
-                size = size or (frame.width, frame.height)
-                rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
-                t = frame.time if frame.time is not None else (i / rate if rate else float(i))
-                kept += [(rgb, float(t))] * want[i]
-    return count, kept
-
-
-def _stack(kept, idx):
-    return np.stack([f for f, _ in kept]) if kept else np.zeros((0, 0, 0, 3), np.uint8)
-
-
-def video_to_frames(video, num_frames):
-    """A video argument → (list of PIL RGB frames, frame indices, timestamps or None).
-
-    Files are decoded with `load_video`; arrays (T,H,W,3) uint8 (or lists of images) are used as-is
-    when T <= num_frames, else sampled with `sample_indices(T, num_frames)`.
-    """
-    num_frames = check_num_frames(num_frames)
-    if isinstance(video, (str, os.PathLike)):
-        frames, times, idx, _ = _load_video(video, num_frames)
-        return [Image.fromarray(f) for f in frames], idx, times
-    if hasattr(video, "detach"):
-        video = video.detach().cpu().numpy()
-    if isinstance(video, np.ndarray):
-        if video.ndim != 4:
-            raise MediaError(f"video arrays must have shape (T,H,W,3), got {video.shape}")
-        video = list(video)
-    if not isinstance(video, (list, tuple)) or len(video) == 0:
-        raise MediaError("a video must be a file path, a (T,H,W,3) uint8 array or a non-empty list of frames")
-    idx = list(range(len(video))) if len(video) <= num_frames else sample_indices(len(video), num_frames)
-    return [to_rgb(video[i]) for i in idx], idx, None

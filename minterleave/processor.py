@@ -34,12 +34,9 @@ the interleave extras on top:
   overview, then the row-major S×S tiles of the LLaVA-NeXT best-fit grid (media.anyres_tiles); its one
   `<image>` becomes 1 + n_tiles `<image>` (up to 5 × 729 = 3645 ids for the official models).
 * A batch (`text` as a list) is LEFT-padded with `pad_token_id`; `attention_mask` marks real tokens.
-* Checked before any image is opened or any frame decoded: the text is a str that is valid Unicode (no lone
-  surrogates, as `errors="surrogateescape"` leaves for bytes that are not UTF-8) and not empty, the
-  placeholder counts equal the media counts, `num_frames` >= 1, and the prompt's length — text tokens plus
-  tokens_per_image per image and per frame (frames: K for a video file, min(T, K) for a T-frame array; a
-  multi-patch image counts its fewest possible tiles) — fits the context. Errors are ValueError (media ones
-  media.MediaError), one line each.
+* Refused from the numbers, before any file is opened or frame decoded (one-line ValueError): text that is
+  not valid Unicode or is empty, placeholder counts unlike the media's, `num_frames` < 1, and a prompt whose
+  text tokens + tokens_per_image per image and per frame exceed the context (docs/data-flow.md).
 """
 
 import os
@@ -49,6 +46,7 @@ import numpy as np
 import torch
 
 from . import hub, media
+from .video import check_num_frames, video_to_frames
 from .config import DEFAULT_NUM_FRAMES, IGNORE_INDEX, read_json, special_tokens, tokens_per_image
 
 VIDEO_TOKEN = "<video>"
@@ -120,7 +118,7 @@ class Processor:
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.pad_token_id = pad_token_id if pad_token_id is not None else (
             self.eos_token_ids[0] if self.eos_token_ids else 0)
-        self.num_frames = media.check_num_frames(int(num_frames))
+        self.num_frames = check_num_frames(int(num_frames))
         self.max_length = max_length
         self.grid_pinpoints = grid_pinpoints
         self.chat_template = chat_template  # the checkpoint's jinja text, for reference only
@@ -243,10 +241,10 @@ class Processor:
     def video_frames(self, video, num_frames=None):
         """A video (file path or (T,H,W,3) array) → (PIL frames, frame indices, timestamps in s or None):
         the K frames `__call__` would use for it."""
-        return media.video_to_frames(video, self._num_frames(num_frames))
+        return video_to_frames(video, self._num_frames(num_frames))
 
     def _num_frames(self, num_frames):
-        return self.num_frames if num_frames is None else media.check_num_frames(num_frames)
+        return self.num_frames if num_frames is None else check_num_frames(num_frames)
 
     def _check_prompts(self, texts, images, videos, k, multi_patch):
         """Everything that can be refused from the numbers alone, before any file is opened or decoded."""
@@ -262,18 +260,18 @@ class Processor:
                                  f"{kind.strip('<>')}(s) were given")
         if self.max_length is None:
             return
-        # each placeholder is one id of the image token once <video> is spelled <image> (added tokens split
-        # the text first), so text ids + the views' ids is the expanded prompt's exact length
-        views = 1 + min(-(-w // self.image_size) * -(-h // self.image_size) for w, h in (
-            self.grid_pinpoints or [(w * self.image_size, h * self.image_size) for w, h in media.DEFAULT_PINPOINTS]))
-        per_image = views if multi_patch else 1
+        # with <video> spelled <image> each placeholder is one id (added tokens split the text first), so text
+        # ids + the views' ids is the expanded length: exact, or a lower bound for multi-patch (fewest tiles)
+        s, grid = self.image_size, self.grid_pinpoints or [(w * self.image_size, h * self.image_size)
+                                                           for w, h in media.DEFAULT_PINPOINTS]
+        per_image = 1 + min(-(-w // s) * -(-h // s) for w, h in grid) if multi_patch else 1
         videos = iter(videos)
         for t in texts:
-            ids = self.tokenizer.encode(t.replace(VIDEO_TOKEN, self.image_token)).ids
-            n_ph = t.count(self.image_token) + t.count(VIDEO_TOKEN)
-            frames = sum(_frame_count(next(videos), k) for _ in range(t.count(VIDEO_TOKEN)))
-            n = len(ids) - n_ph + (t.count(self.image_token) * per_image + frames) * self.tokens_per_image
-            self._check_length(n, "at least " if multi_patch and t.count(self.image_token) else "")
+            n_img, n_vid = t.count(self.image_token), t.count(VIDEO_TOKEN)
+            frames = sum(_frame_count(next(videos), k) for _ in range(n_vid))
+            n = len(self.encode(t.replace(VIDEO_TOKEN, self.image_token))) - n_img - n_vid
+            self._check_length(n + (n_img * per_image + frames) * self.tokens_per_image,
+                               "at least " if multi_patch and n_img else "")
 
     def _check_length(self, n, at_least=""):
         if self.max_length is not None and n > self.max_length:

@@ -280,17 +280,17 @@ def test_media_directory_image_on_the_command_line(tmp_path):  # row 7, as the u
 
 @pytest.mark.parametrize("k", [0, -3])
 def test_media_num_frames_zero_or_negative(mproc, tmp_path, k):  # row 8: checked before the file is touched
-    for video in (tmp_path / "absent.mp4", np.zeros((5, 8, 8, 3), np.uint8)):
+    for v in (tmp_path / "absent.mp4", np.zeros((5, 8, 8, 3), np.uint8)):
         with pytest.raises(ValueError, match=f"num_frames must be >= 1, got {k}"):
-            mproc("<video>", videos=[video], num_frames=k)
-    with pytest.raises(ValueError, match="num_frames"):
-        media.load_video(tmp_path / "absent.mp4", k)
+            mproc("<video>", videos=[v], num_frames=k)
+        with pytest.raises(ValueError, match=f"num_frames must be >= 1, got {k}"):
+            mproc.video_frames(v, k)
 
 
 def test_media_frames_that_cannot_fit_are_refused_before_decoding(mproc, tmp_path, monkeypatch):  # row 8
     clip = _clip(tmp_path / "clip.mp4", n=12)
     opened = []
-    monkeypatch.setattr(media, "_open_video", lambda path: opened.append(path) or pytest.fail("decoded"))
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a) or pytest.fail("opened to decode"))
     monkeypatch.setattr(mproc, "max_length", 200)
     k = 200 // mproc.tokens_per_image + 1  # the frames alone are past the context
     with pytest.raises(ValueError, match=r"prompt is \d+ tokens long \(images included\) but the model's "
@@ -302,7 +302,7 @@ def test_media_frames_that_cannot_fit_are_refused_before_decoding(mproc, tmp_pat
     assert opened == []
 
 
-def test_media_truncated_mp4_is_our_one_line(tmp_path, capfd):  # row 8
+def test_media_truncated_mp4_is_our_one_line(mproc, tmp_path, capfd):  # row 8
     import av.logging
 
     level = av.logging.get_level()
@@ -315,13 +315,13 @@ def test_media_truncated_mp4_is_our_one_line(tmp_path, capfd):  # row 8
             _warnings.simplefilter("error")  # and no warning either: one error
             with pytest.raises(ValueError, match=rf"^{cut}: truncated or damaged video: decoded (\d+) of "
                                                  r"the 40 frames its container declares, frames \1..39 missing") as e:
-                media.load_video(cut, 8)
+                mproc.video_frames(cut, 8)
         assert type(e.value).__name__ == "MediaError"
         end = tmp_path / "end.mp4"  # index last (no faststart), cut before it: nothing can be decoded
         end.write_bytes(_clip(tmp_path / "e.mp4").read_bytes()[:-3000])
         with pytest.raises(ValueError, match=rf"^cannot read video file {end}: its mp4 index \(moov atom\) "
                                              "is missing: the file was cut short"):
-            media.load_video(end, 8)
+            mproc.video_frames(end, 8)
     finally:
         av.logging.set_level(level)
     out, err = capfd.readouterr()

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from minterleave import media  # noqa: E402
+from minterleave import media, video  # noqa: E402
 from minterleave.config import special_tokens  # noqa: E402
 from minterleave.processor import Processor  # noqa: E402
 from tiny_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, write_tokenizer_files  # noqa: E402
@@ -241,7 +241,8 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(proc, hf, tmp_path):
                              return_tensors="np")["pixel_values"][0]
     for im in (Image.fromarray(f), tif):
         assert np.abs(proc.image_pixels(im) - ref).max() == 0
-    for bad, what in ((f * 255, r"^float image with values 1\.48.*\.\.254\.7"), (f - 0.5, "float image with values -0.4"),
+    for bad, what in ((f * 255, r"^float image with values 1\.48.*\.\.254\.7"),
+                      (f - 0.5, "float image with values -0.4"),
                       (np.full((4, 4), np.nan, np.float32), "nan"), (np.full((4, 4), -1, np.int32), "integer image")):
         with pytest.raises(media.MediaError, match=what):
             proc.image_pixels(Image.fromarray(bad))
@@ -357,7 +358,7 @@ def test_video_frame_sampling_per_codec(tmp_path, codec, ext, options):
     path = tmp_path / f"clip.{ext}"
     _encode_clip(path, codec, options=options)
     for k in (5, 16):
-        frames, times = media.load_video(path, k)
+        frames, times = video.load_video(path, k)
         want = np.linspace(0, 22, k).astype(int).tolist()
         assert frames.dtype == np.uint8 and frames.shape == (k, 48, 64, 3)
         assert _indices(frames) == want
@@ -372,18 +373,18 @@ def clip(tmp_path_factory):
 
 
 def test_video_more_frames_than_clip_and_wrong_declared_count(clip, monkeypatch):
-    frames, _ = media.load_video(clip, 30)  # n=23 < K: indices repeat
+    frames, _ = video.load_video(clip, 30)  # n=23 < K: indices repeat
     assert _indices(frames) == np.linspace(0, 22, 30).astype(int).tolist()
     for wrong in (40, 10):  # container metadata lies → a counting pass fixes it, with a warning
-        monkeypatch.setattr(media, "_declared_frame_count", lambda p, w=wrong: w)
+        monkeypatch.setattr(video, "_declared_frame_count", lambda p, w=wrong: w)
         with pytest.warns(UserWarning, match=f"declares {wrong} frames, decoder yields 23"):
-            frames, _ = media.load_video(clip, 4)
+            frames, _ = video.load_video(clip, 4)
         assert _indices(frames) == [0, 7, 14, 22]
 
 
 def test_video_converts_only_selected_frames(clip, monkeypatch):
     converted = []
-    real = media._frames
+    real = video._frames
 
     class Spy:
         def __init__(self, f):
@@ -396,8 +397,8 @@ def test_video_converts_only_selected_frames(clip, monkeypatch):
             converted.append(1)
             return self.f.to_ndarray(**kw)
 
-    monkeypatch.setattr(media, "_frames", lambda path, c: (Spy(f) for f in real(path, c)))
-    media.load_video(clip, 6)
+    monkeypatch.setattr(video, "_frames", lambda path, c: (Spy(f) for f in real(path, c)))
+    video.load_video(clip, 6)
     assert len(converted) == 6
 
 
@@ -411,7 +412,7 @@ def test_processor_video_file_and_array(proc, clip):
     assert ids.count(proc.image_token_id) == 4 * TPI
     _, idx, times = proc.video_frames(clip, 4)
     assert idx == [0, 7, 14, 22] and times == pytest.approx([0.0, 0.7, 1.4, 2.2])
-    frames, _ = media.load_video(clip, 4)
+    frames, _ = video.load_video(clip, 4)
     ref = np.stack([proc.image_pixels(f) for f in frames])
     assert np.abs(out["pixel_values"].numpy() - ref).max() == 0
     # same as writing the K <image> placeholders by hand
@@ -538,13 +539,13 @@ def test_bad_files(proc, tmp_path, clip):
     cut = tmp_path / "cut.mp4"  # mp4 with its index (moov) cut off
     cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
     with pytest.raises(media.MediaError, match=f"cannot read video file {cut}: its mp4 index .moov atom. is missing"):
-        media.load_video(cut, 4)
+        video.load_video(cut, 4)
     webm = tmp_path / "clip.webm"  # header and the first bytes only: no decodable frame
     _encode_clip(webm, "libvpx-vp9", options=VP9)
     cut = tmp_path / "cut.webm"
     cut.write_bytes(webm.read_bytes()[: webm.stat().st_size * 3 // 10])
     with pytest.raises(media.MediaError, match=f"no decodable video frames in {cut}"):
-        media.load_video(cut, 4)
+        video.load_video(cut, 4)
     audio = tmp_path / "audio.mkv"
     with av.open(str(audio), "w") as c:
         s = c.add_stream("mp2", rate=44100)
@@ -556,7 +557,33 @@ def test_bad_files(proc, tmp_path, clip):
         for p in s.encode():
             c.mux(p)
     with pytest.raises(media.MediaError, match=f"no video stream in {audio}"):
-        media.load_video(audio, 4)
+        video.load_video(audio, 4)
+
+
+def test_context_is_checked_from_the_numbers_before_any_decode(proc, clip, monkeypatch):
+    arr = np.zeros((3, 8, 8, 3), np.uint8)  # 3 frames < K = 8: all 3 are used
+    cases = [("<image> hi", dict(images=[_rng_image(9, 9)])), ("<video>\nWhat?", dict(videos=[clip], num_frames=5)),
+             (["a <video> b <image>", "<image>"], dict(images=[_rng_image(9, 9)] * 2, videos=[arr], num_frames=8))]
+    for text, kw in cases:
+        n = proc(text, **kw)["input_ids"].shape[1]
+        with monkeypatch.context() as m:
+            m.setattr(proc, "max_length", n - 1)
+            for module, name in ((media, "to_rgb"), (video, "to_rgb"), (video, "_load_video")):
+                m.setattr(module, name, lambda *a: pytest.fail("decoded before the length check"))
+            with pytest.raises(ValueError, match=f"^prompt is {n} tokens long"):  # exact, before decoding
+                proc(text, **kw)
+            m.setattr(proc, "max_length", n)
+            with pytest.raises(pytest.fail.Exception):
+                proc(text, **kw)  # fits: goes on to decode
+    wide = _rng_image(90, 200)  # multi-patch: 1 + 3 tiles; before the grid is known, the fewest (1 + 2) count
+    assert proc("<image>", images=[wide], multi_patch=True)["input_ids"].shape[1] == 4 * TPI
+    with monkeypatch.context() as m:
+        m.setattr(proc, "max_length", 3 * TPI - 1)
+        with pytest.raises(ValueError, match=f"^prompt is at least {3 * TPI} tokens long"):
+            proc("<image>", images=[wide], multi_patch=True)
+        m.setattr(proc, "max_length", 3 * TPI)
+        with pytest.raises(ValueError, match=f"^prompt is {4 * TPI} tokens long"):  # the exact check, after
+            proc("<image>", images=[wide], multi_patch=True)
 
 
 def test_from_config_json_only_and_context_limit(tmp_path, tiny_dir):
