@@ -44,7 +44,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, metavar="FILE",
                    help="Interleave-Bench-format JSON to score (default: none, synthetic questions)")
     p.add_argument("--image-root", default=None, metavar="DIR", help="--data: image folder (default: the JSON's)")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="--data: score the first N records only (default: all)")
+    p.add_argument("--limit", type=cli.positive_int, default=None,
+                   help="--data: score the first N records only (default: all)")
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                    help="new tokens per answer (default: 8 for synthetic questions, 16 with --data, as lmms-eval)")

@@ -5,9 +5,10 @@
 
 Usage errors (a bad flag or value) stay argparse's, exit status 2; `ArgumentParser` here prints them as one line
 plus a hint instead of the whole usage block. Bad files and data (OSError, ValueError and the library's
-ValueError subclasses: ConfigError, WeightsError, DataError, MediaError) end with `<script>: error: <message>`,
-exit status 1; Ctrl-C with exit status 130. `--debug` anywhere in the arguments shows the traceback instead.
-Anything else (a RuntimeError, a TypeError) is a bug and keeps its traceback.
+ValueError subclasses: ConfigError, WeightsError, DataError, MediaError) and a training run that diverged
+(FloatingPointError) end with `<script>: error: <message>`, exit status 1; Ctrl-C with exit status 130.
+`--debug` anywhere in the arguments shows the traceback instead. Anything else (a RuntimeError, a TypeError)
+is a bug and keeps its traceback.
 """
 
 import argparse
@@ -49,7 +50,7 @@ def run(main, argv=None, prog=None):
     except BrokenPipeError:  # `python sample.py | head`: the reader left; say nothing more
         sys.stdout = open(os.devnull, "w")  # so that the exit-time flush of stdout does not fail again
         return 141
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, FloatingPointError) as e:
         print(f"{prog}: error: {message(e)}", file=sys.stderr)
         return 1
 

@@ -219,6 +219,34 @@ def test_debug_shows_the_traceback(tmp_path, name):
     assert r.returncode == 1 and "Traceback" in r.stderr.decode() and "FileNotFoundError" in r.stderr.decode()
 
 
+def _png_header(width, height):
+    """A valid PNG whose header declares width x height (its pixel data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+@needs_tiny
+@pytest.mark.parametrize("row", ["zero-byte image", "decompression bomb", "pickled checkpoint"])
+def test_sample_rows_that_held_before(tmp_path, row):  # the matrix's rows that issue 17 found already handled
+    if row == "pickled checkpoint":  # pytorch_model.bin only: never unpickled (that would run its code)
+        import torch
+        for name in os.listdir(TINY):
+            if name.endswith(".json"):
+                (tmp_path / name).write_bytes(open(os.path.join(TINY, name), "rb").read())
+        torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+        one_line_error(script("sample.py", "--model", tmp_path, "--prompt", "Hi"), 1, tmp_path, "no *.safetensors")
+        return
+    image = tmp_path / "in.png"  # 50000 x 50000 declared: 14x Pillow's limit, refused before decoding
+    image.write_bytes(b"" if row == "zero-byte image" else _png_header(50000, 50000))
+    line = one_line_error(script("sample.py", "--model", TINY, "--image", image), 1, image, "cannot read image file")
+    assert row != "decompression bomb" or "decompression bomb" in line
+
+
 # ---- media
 # Library rows of images, videos and prompts (minterleave/media.py, minterleave/processor.py): the exception
 # type and its one-line message, and what is NOT done before refusing (nothing decoded, nothing printed).
