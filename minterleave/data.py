@@ -135,6 +135,8 @@ def encode_conversation(proc, turns, images=(), videos=(), multi_patch=False, nu
                                 multi_patch)
     except ValueError as e:
         raise DataError(f"{name}: {e}") from None
+    except OSError as e:  # a missing or unreadable file keeps its type (FileNotFoundError, ...), plus the record
+        raise type(e)(f"{name}: {e}") from None
 
 
 def is_multi_patch(record):
