@@ -255,7 +255,9 @@ def collate(items, pad_token_id):
 def load_records(path):
     """A JSON array (or JSON lines) of records; DataError naming the file and the line of a syntax error."""
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, not a JSON file")
+        raise IsADirectoryError(f"{path}: is a directory, not a JSON file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: data file not found")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
