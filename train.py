@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N steps whose loss or gradient is NaN/Inf (a warning each) instead of stopping")
     p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of --init weights")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each decoder and vision layer in backward instead of keeping its activations")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
     try:  # check the weight specs and parts now, before anything is loaded
@@ -230,7 +232,7 @@ def train(args, out, assets, rank, world, device):
     master = rank == 0
     model, src = build_model(args, assets)
     cfg, proc = model.cfg, mi.Processor.from_pretrained(assets)
-    model.train().to(device)
+    model.train().to(device).set_grad_checkpointing(args.grad_checkpoint)
     for part in filter(None, args.freeze.split(",")):
         getattr(model, part).requires_grad_(False)
     opt = make_optimizer(model, args)

@@ -11,6 +11,7 @@ transformers' modeling_qwen2.py for the exact order of casts; gpt-fast for the c
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attend
 from .config import TextConfig
@@ -139,6 +140,7 @@ class Decoder(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # kept out of the state dict and out of .to(dtype): frequencies must stay fp32
         self._inv_freq = {}
+        self.grad_checkpoint = False  # Model.set_grad_checkpointing: recompute each layer in backward
 
     def forward(self, h, positions, cache=None, mask=None):
         """h (B, T, C) input embeddings, positions (B, T) -> final hidden states (B, T, C).
@@ -150,7 +152,10 @@ class Decoder(nn.Module):
             self._inv_freq[h.device] = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(h.device)
         cos, sin = rope_cos_sin(self._inv_freq[h.device], positions, h.dtype)
         for block in self.layers:
-            h = block(h, cos, sin, cache, mask)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # keep only each layer's input; redo the rest
+                h = checkpoint(block, h, cos, sin, cache, mask, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, cache, mask)
         if cache is not None:
             cache.length += h.shape[1]
         return self.norm(h)

@@ -76,6 +76,13 @@ class Model(nn.Module):
                 p.normal_(0, std)
         return self
 
+    def set_grad_checkpointing(self, on=True):
+        """Activation checkpointing for training: each decoder and vision layer keeps only its input and is
+        recomputed in backward (non-reentrant torch.utils.checkpoint), trading one extra forward for the
+        activations of all layers but one. Same loss and gradients. Returns self."""
+        self.decoder.grad_checkpoint = self.vision.grad_checkpoint = bool(on)
+        return self
+
     @property
     def dtype(self):
         return self.decoder.norm.weight.dtype  # (embeddings may be int8 after quantize_int8)

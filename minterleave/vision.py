@@ -11,6 +11,7 @@ Dosovitskiy et al. 2020 (ViT); transformers' modeling_siglip.py for the exact la
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attend
 from .config import VisionConfig
@@ -58,6 +59,7 @@ class VisionTower(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size,
                                                _weight=skip_init_on_meta(cfg.num_patches, cfg.hidden_size))
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(num_layers))
+        self.grad_checkpoint = False  # Model.set_grad_checkpointing: recompute each layer in backward
 
     def forward(self, pixel_values):
         """pixel_values (N, 3, S, S) -> features (N, P, C), P = (S // patch)^2."""
@@ -65,7 +67,10 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, P, C)
         x = x + self.position_embedding.weight  # (P, C) broadcast over images
         for block in self.layers:
-            x = block(x)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # keep only each layer's input; redo the rest
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
 

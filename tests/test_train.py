@@ -233,3 +233,11 @@ def test_bundled_checkpoint_loads_in_minterleave_and_transformers_with_equal_log
     assert err < 1e-3, err
     assert proc.decode(ours[0, -1:].argmax(-1)) == proc.decode(ref[0, -1:].argmax(-1))
 
+
+
+def test_grad_checkpoint_trains_the_same_steps(tmp_path):
+    args = FAST + ["--domain", "all", "--max-steps", "3", "--seed", "5"]
+    train.main(args + ["--out", str(tmp_path / "plain")])
+    train.main(args + ["--out", str(tmp_path / "ckpt"), "--grad-checkpoint"])
+    a, b = log(str(tmp_path / "plain")), log(str(tmp_path / "ckpt"))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=0)
