@@ -38,6 +38,8 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (PEFT's format) or hub id, merged into the weights")
     p.add_argument("--domain", default="all", choices=(*tasks.DOMAINS, "all"), help="synthetic domain")
     p.add_argument("--n", type=cli.positive_int, default=200, help="questions per domain")
     p.add_argument("--seed", type=int, default=0, help=f"evaluation seed, 0..{data.EVAL_SEED_LIMIT - 1}")
@@ -65,7 +67,10 @@ def main(argv=None):
         data.load_records(args.data)  # a missing or malformed file is found before the model is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = mi.Model.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                     check_finite=not args.no_check_finite)
+                                     check_finite=not args.no_check_finite, adapter=args.adapter)
+    if args.adapter:  # one matmul per projection while decoding
+        from minterleave.lora import merge_lora
+        merge_lora(model)
     proc = mi.Processor.from_pretrained(args.model)
     t0 = time.time()
     if args.data:

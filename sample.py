@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute dtype (default: %(default)s)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (PEFT's format) or hub id, merged into the weights before decoding")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weight-only decoder weights (faster CPU decoding, small logit drift; default: off)")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"],
@@ -91,7 +93,10 @@ def main(argv=None):
         mi.set_backend(args.attn)
     path = hub.resolve(args.model)  # a folder, or a hub id fetched once into the hub cache
     model = mi.Model.from_pretrained(path, device=args.device, dtype=args.dtype,
-                                     check_finite=not args.no_check_finite)
+                                     check_finite=not args.no_check_finite, adapter=args.adapter)
+    if args.adapter:  # decode from merged weights: one matmul per projection, packable and quantizable
+        from minterleave.lora import merge_lora
+        merge_lora(model)
     if args.quantize == "int8":
         from minterleave.quantize import quantize_int8
         quantize_int8(model)

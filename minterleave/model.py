@@ -33,7 +33,7 @@ class Model(nn.Module):
         self.eos_token_ids = []  # generate's default stop ids: from_pretrained reads config.special_tokens
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, check_finite=True):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, check_finite=True, adapter=None):
         """Load a checkpoint folder (config.json + safetensors, any supported layout) or a hub id.
 
         A missing folder, config.json or weights file is a FileNotFoundError (a file given as the folder a
@@ -41,7 +41,8 @@ class Model(nn.Module):
         file. check_finite: a tensor holding NaN or Inf (or, loading in float16, values beyond its range) is
         a WeightsError naming the tensor and its file. The check is one min/max reduction per tensor as it is
         read; on the 0.5B model (864M values, 2 CPU cores, median of 3) loading takes ~0.55 s instead of
-        ~0.35 s in bfloat16 and ~1.35 s instead of ~1.0 s in float32. check_finite=False skips it."""
+        ~0.35 s in bfloat16 and ~1.35 s instead of ~1.0 s in float32. check_finite=False skips it.
+        adapter: a LoRA adapter folder (PEFT's format) or hub id, added unmerged (lora.load_adapter)."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
@@ -54,6 +55,9 @@ class Model(nn.Module):
         model = model.to_empty(device=device)
         weights.load_weights(model, path, cfg, where, check_finite)
         model.eos_token_ids = special_tokens(path)["eos"]
+        if adapter is not None:
+            from .lora import load_adapter
+            load_adapter(model, adapter)
         return model.eval()
 
     @torch.no_grad()
