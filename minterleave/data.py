@@ -231,10 +231,11 @@ def record_question(proc, record, image_root=".", index=None):
     return prompt_for(proc, q), files, a, is_multi_patch(record)
 
 
-def collate(items, pad_token_id):
+def collate(items, pad_token_id, with_ids=False):
     """Right-padded batch: input_ids (B,T), attention_mask (B,T), labels (B,T) (-100 on padding),
     pixel_values (N,3,S,S) with the images of row 0 first, then row 1, ... (the model fills image
-    positions in row-major order) — or no pixel_values key if no row has images."""
+    positions in row-major order) — or no pixel_values key if no row has images. So `model(**batch)` works.
+    with_ids: also "ids", the items' sample/record ids (train.py names them when a loss diverges)."""
     width = max(len(it["input_ids"]) for it in items)
     B = len(items)
     ids = torch.full((B, width), pad_token_id, dtype=torch.long)
@@ -244,7 +245,7 @@ def collate(items, pad_token_id):
         n = len(it["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = it["input_ids"], it["labels"], 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if any("id" in it for it in items):  # which samples a batch holds (train.py names them when a loss diverges)
+    if with_ids:
         out["ids"] = [it.get("id") for it in items]
     pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
     if pix:

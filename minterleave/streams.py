@@ -115,5 +115,5 @@ def micro_batches(stream, offset, batch_size, grad_accum, rank, world, pad_id):
     out = []
     for m in range(grad_accum):
         start = offset + (m * world + rank) * B
-        out.append(data.collate([stream(g) for g in range(start, start + B)], pad_id))
+        out.append(data.collate([stream(g) for g in range(start, start + B)], pad_id, with_ids=True))
     return out

@@ -154,3 +154,13 @@ def test_training_and_evaluation_seeds_are_disjoint():
     assert data.train_seed(0, 0) >= data.TRAIN_SEED_BASE
     assert tasks.sample_seed(data.EVAL_SEED_LIMIT - 1, 10_000_000 - 1) < data.TRAIN_SEED_BASE
     assert data.train_seed(1, 0) == data.train_seed(0, 100_000_000 - 1) + 1
+
+
+def test_a_collated_batch_goes_straight_into_the_model(proc):
+    """collate's keys are the model's arguments (the sample ids only on request, for train.py)."""
+    import inspect
+    import minterleave as mi
+    items = [data.encode_sample(proc, tasks.make_sample(d, 3), f"{d}/3") for d in ("multi_image", "video")]
+    batch = data.collate(items, proc.pad_token_id)
+    assert set(batch) <= set(inspect.signature(mi.Model.forward).parameters)
+    assert data.collate(items, proc.pad_token_id, with_ids=True)["ids"] == ["multi_image/3", "video/3"]
