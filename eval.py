@@ -39,7 +39,7 @@ def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id")
     p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter folder (PEFT's format) or hub id, merged into the weights")
+                   help="a LoRA adapter folder (PEFT's format) or hub id, merged into the weights (default: none)")
     p.add_argument("--domain", default="all", choices=(*tasks.DOMAINS, "all"), help="synthetic domain")
     p.add_argument("--n", type=cli.positive_int, default=200, help="questions per domain")
     p.add_argument("--seed", type=int, default=0, help=f"evaluation seed, 0..{data.EVAL_SEED_LIMIT - 1}")
