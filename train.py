@@ -6,6 +6,7 @@
         --data m4_instruct_annotations.json --image-root M4-Instruct-Data --out out/m4   # real data
     torchrun --nproc_per_node 2 train.py ...                                           # DDP
     python train.py ... --resume                                   # continue out/... where it stopped
+    python train.py --init weights/minterleave-tiny --lora-r 8 --domain video --out out/lora   # a LoRA adapter
 
 Data: synthetic samples (minterleave.tasks) made on the fly from training-range seeds, or an M4-Instruct-style
 JSON (--data; minterleave/data.py). The batches of step s are a pure function of (seed, s), so --workers,
@@ -20,6 +21,7 @@ the resume state, written atomically (minterleave/checkpoint.py); --export DIR2 
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import minterleave as mi
-from minterleave import checkpoint, cli, data, hub, scoring, streams, tasks
+from minterleave import checkpoint, cli, data, hub, lora, scoring, streams, tasks
 from minterleave.config import IGNORE_INDEX, PRESETS, preset, preset_config
 from minterleave.tasks import patch_words
 from minterleave.tokenizer import write_tokenizer_files
@@ -87,6 +89,17 @@ def parse_args(argv=None):
     p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N steps whose loss or gradient is NaN/Inf (a warning each) instead of stopping")
     p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of --init weights")
+    p.add_argument("--lora-r", type=int, default=0, metavar="R",
+                   help="train a LoRA adapter of rank R on the frozen --init model instead of every weight (0: off)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: the update is alpha/r * BA")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
+                   help="official projection names to adapt (vision: q_proj,k_proj,v_proj,out_proj,fc1,fc2)")
+    p.add_argument("--lora-parts", default="decoder", help="where: decoder and/or vision")
+    p.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="with --lora-r: the frozen base's dtype (the adapter stays float32)")
+    p.add_argument("--merge", action="store_true",
+                   help="with --lora-r and --export: write the merged full model (else the adapter alone)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder and vision layer in backward instead of keeping its activations")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -97,6 +110,8 @@ def parse_args(argv=None):
         preset(args.preset, args.set)
     except ValueError as e:
         p.error(str(e))
+    if args.lora_r and not args.init:
+        p.error("--lora-r needs --init: an adapter is trained on a pretrained model")
     bad = [part for part in filter(None, args.freeze.split(",")) if part not in ("vision", "projector")]
     if bad:
         p.error(f"--freeze: unknown part {bad[0]!r} (vision, projector)")
@@ -124,7 +139,16 @@ def build_model(args, assets):
     if src:
         src = hub.resolve(src)  # a folder, or a hub id fetched into the hub cache
         checkpoint.copy_assets(src, assets)
-        return mi.Model.from_pretrained(src, dtype=torch.float32, check_finite=not args.no_check_finite), src
+        if not args.lora_r:
+            return mi.Model.from_pretrained(src, dtype=torch.float32, check_finite=not args.no_check_finite), src
+        # LoRA: the frozen base always comes from --init; a resumed run's checkpoint holds the adapter alone
+        model = mi.Model.from_pretrained(args.init, dtype=getattr(torch, args.base_dtype),
+                                         check_finite=not args.no_check_finite)
+        if args.resume:
+            return lora.load_adapter(model, src), src
+        torch.manual_seed(args.seed)
+        return lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
+                             args.lora_parts.split(",")), src
     p = preset(args.preset, args.set)
     info = write_tokenizer_files(assets, vocab_size=p["vocab"], image_size=p["image_size"], patch_size=p["patch_size"],
                                  num_frames=p["num_frames"], extra_corpus=tasks.corpus(), model_max_length=p["max_pos"])
@@ -294,7 +318,8 @@ def train(args, out, assets, rank, world, device):
         if stop:
             break
     if master and args.export and not stop:
-        checkpoint.save(args.export, model, assets, dtype=getattr(torch, args.export_dtype),
+        final = lora.merge_lora(copy.deepcopy(model)) if args.lora_r and args.merge else model
+        checkpoint.save(args.export, final, assets, dtype=getattr(torch, args.export_dtype),
                         log_file=os.path.join(out, checkpoint.LOG))
         print(f"exported {args.export} ({args.export_dtype})", flush=True)
     if args.eval_every and master and not stop:

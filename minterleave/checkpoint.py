@@ -9,7 +9,9 @@ weights.py is the one reader of model weights; this module is the one writer. A 
     train_state/state.json                                step, samples consumed, args, and the size of every
                                                           other file: written last, it marks the folder complete
 
-The sidecar lives in a subfolder because loaders take every top-level *.safetensors as weights.
+The sidecar lives in a subfolder because loaders take every top-level *.safetensors as weights. A LoRA run
+(train.py --lora-r) saves its adapter instead of config.json + model.safetensors: adapter_config.json and
+adapter_model.safetensors in PEFT's format (lora.py), whose base is the run's --init.
 
 Saving never destroys the last good checkpoint: every file is written (and fsynced) into OUT.tmp, the manifest
 last; then OUT is renamed to OUT.old, OUT.tmp to OUT, and OUT.old is deleted. A crash between any two of these
@@ -24,6 +26,7 @@ import shutil
 
 import torch
 
+from . import lora
 from .config import to_llava_hf_dict
 from .weights import save_weights
 
@@ -39,7 +42,7 @@ def copy_assets(src, dst):
     for f in os.listdir(src):
         path = os.path.join(src, f)
         if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (
-                LOG, "config.json", "model.safetensors.index.json"):
+                LOG, "config.json", "model.safetensors.index.json", "adapter_config.json"):
             shutil.copy2(path, os.path.join(dst, f))
 
 
@@ -71,13 +74,18 @@ def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=No
     _step("clear tmp")
     copy_assets(assets, tmp)
     _step("assets")
-    conf = to_llava_hf_dict(model.cfg)
-    conf["torch_dtype"] = "bfloat16" if (dtype or model.dtype) == torch.bfloat16 else "float32"
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(conf, f, indent=2)
-    _step("config")
-    save_weights(model if dtype in (None, model.dtype) else copy.deepcopy(model).to(dtype), tmp, model.cfg)
-    _step("weights")
+    if lora.lora_layers(model):  # a LoRA run: the adapter alone, in PEFT's format (its base is --init)
+        lora.save_adapter(model, tmp)
+        _step("config")
+        _step("weights")
+    else:
+        conf = to_llava_hf_dict(model.cfg)
+        conf["torch_dtype"] = "bfloat16" if (dtype or model.dtype) == torch.bfloat16 else "float32"
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(conf, f, indent=2)
+        _step("config")
+        save_weights(model if dtype in (None, model.dtype) else copy.deepcopy(model).to(dtype), tmp, model.cfg)
+        _step("weights")
     if log_file and os.path.isfile(log_file):
         shutil.copy2(log_file, os.path.join(tmp, LOG))
         _step("log")

@@ -241,3 +241,36 @@ def test_grad_checkpoint_trains_the_same_steps(tmp_path):
     train.main(args + ["--out", str(tmp_path / "ckpt"), "--grad-checkpoint"])
     a, b = log(str(tmp_path / "plain")), log(str(tmp_path / "ckpt"))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=0)
+
+
+def test_lora_fine_tune_saves_the_adapter_resumes_exactly_and_exports_merged(trained, tmp_path):
+    """--lora-r: only the adapter trains; checkpoints hold the adapter (PEFT files) and its optimizer state;
+    --resume continues with the identical losses; --export --merge writes a full model transformers reads."""
+    from transformers import LlavaForConditionalGeneration
+    from minterleave import lora
+    args = FAST + ["--init", trained, "--domain", "video", "--max-steps", "4", "--seed", "6", "--lora-r", "4",
+                   "--lora-parts", "decoder,vision", "--lora-targets", "q_proj,v_proj,down_proj,fc1"]
+    full, cut, export = str(tmp_path / "full"), str(tmp_path / "cut"), str(tmp_path / "merged")
+    train.main(args + ["--out", full, "--export", export, "--merge"])
+    files = set(os.listdir(full))
+    assert {"adapter_config.json", "adapter_model.safetensors", checkpoint.STATE_DIR} <= files
+    assert not files & {"model.safetensors", "config.json"}
+    train.main(args + ["--out", cut, "--stop-at", "2"])
+    train.main(args + ["--out", cut, "--resume"])
+    assert [r["loss"] for r in log(full)] == [r["loss"] for r in log(cut)]
+    losses = [r["loss"] for r in log(full)]
+    assert losses[-1] < losses[0], losses
+    # the adapter on the untouched base equals the merged export, in minterleave and in transformers
+    base = mi.Model.from_pretrained(trained, adapter=full)
+    merged = mi.Model.from_pretrained(export)
+    hf = LlavaForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
+    proc = mi.Processor.from_pretrained(trained)
+    smp = tasks.make_sample("video", 5)
+    inputs = proc(data.prompt_for(proc, smp), images=smp.images)
+    with torch.no_grad():
+        a, b = base(**inputs), merged(**inputs)
+        ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    assert (a - b).abs().max().item() < 1e-4 and (b - ref).abs().max().item() < 1e-4
+    assert lora.lora_layers(base) and not lora.lora_layers(merged)
+    plain = mi.Model.from_pretrained(trained)
+    assert not torch.equal(plain(**inputs), a)  # the adapter changed something
