@@ -228,7 +228,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     mi.set_backend(args.attn)
-    check_out(args, out, master, world)
+    if master:  # refuse an unwritable --out or one whose run would be overwritten; recover after a crash
+        checkpoint.prepare(out, args.resume)
+    if world > 1:
+        dist.barrier()
     assets = tempfile.mkdtemp(prefix="minterleave-assets-")
     try:
         return train(args, out, assets, rank, world, device)
@@ -236,20 +239,6 @@ def main(argv=None):
         shutil.rmtree(assets, ignore_errors=True)
         if world > 1:
             dist.destroy_process_group()
-
-
-def check_out(args, out, master, world):
-    """Refuse, before any work, an --out that cannot be written or whose checkpoint would be overwritten; with
-    --resume, put back the newest complete checkpoint a crash during a save may have left aside."""
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
-        raise PermissionError(f"--out {out}: cannot write there")
-    if master and args.resume and checkpoint.recover(out) is None:
-        raise FileNotFoundError(f"--resume: no complete training checkpoint in {out} (nor {out}.tmp / {out}.old)")
-    if master and not args.resume and checkpoint.find_latest(out):
-        raise ValueError(f"--out {out} already holds a training checkpoint: add --resume, or choose another --out")
-    if world > 1:
-        dist.barrier()
 
 
 def train(args, out, assets, rank, world, device):

@@ -152,6 +152,18 @@ def find_latest(out):
     return max(found)[1] if found else None
 
 
+def prepare(out, resume):
+    """Before any training work: refuse an --out that cannot be written (PermissionError) or that already holds a
+    run when not resuming (ValueError); when resuming, `recover` it (FileNotFoundError if nothing is there)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out {out}: cannot write there")
+    if resume and recover(out) is None:
+        raise FileNotFoundError(f"--resume: no complete training checkpoint in {out} (nor {out}.tmp / {out}.old)")
+    if not resume and find_latest(out):
+        raise ValueError(f"--out {out} already holds a training checkpoint: add --resume, or choose another --out")
+
+
 def recover(out):
     """Put the newest complete checkpoint back at `out` after a crash during a save (out.tmp finished but not
     yet renamed, or out moved to out.old); remove the leftovers. Returns out, or None if there is none."""
