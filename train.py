@@ -35,6 +35,7 @@ import torch.distributed as dist
 import minterleave as mi
 from minterleave import checkpoint, cli, data, hub, lora, scoring, streams, tasks
 from minterleave.config import IGNORE_INDEX, PRESETS, preset, preset_config
+from minterleave.quantize import quantize_int8
 from minterleave.tasks import patch_words
 from minterleave.tokenizer import write_tokenizer_files
 
@@ -96,8 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
                    help="official projection names to adapt (vision: q_proj,k_proj,v_proj,out_proj,fc1,fc2)")
     p.add_argument("--lora-parts", default="decoder", help="where: decoder and/or vision")
-    p.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="with --lora-r: the frozen base's dtype (the adapter stays float32)")
+    p.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16", "int8"),
+                   help="with --lora-r: the frozen base's dtype (the adapter stays float32); int8: the base loaded "
+                        "in bfloat16, its decoder then quantized to int8 weight-only (quantize.py; not with --merge)")
     p.add_argument("--merge", action="store_true",
                    help="with --lora-r and --export: write the merged full model (else the adapter alone)")
     p.add_argument("--grad-checkpoint", action="store_true",
@@ -112,6 +114,8 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.lora_r and not args.init:
         p.error("--lora-r needs --init: an adapter is trained on a pretrained model")
+    if args.merge and args.base_dtype == "int8":
+        p.error("--merge needs float base weights: use --base-dtype float32 or bfloat16, not int8")
     bad = [part for part in filter(None, args.freeze.split(",")) if part not in ("vision", "projector")]
     if bad:
         p.error(f"--freeze: unknown part {bad[0]!r} (vision, projector)")
@@ -142,8 +146,11 @@ def build_model(args, assets):
         if not args.lora_r:
             return mi.Model.from_pretrained(src, dtype=torch.float32, check_finite=not args.no_check_finite), src
         # LoRA: the frozen base always comes from --init; a resumed run's checkpoint holds the adapter alone
-        model = mi.Model.from_pretrained(args.init, dtype=getattr(torch, args.base_dtype),
+        int8 = args.base_dtype == "int8"
+        model = mi.Model.from_pretrained(args.init, dtype=torch.bfloat16 if int8 else getattr(torch, args.base_dtype),
                                          check_finite=not args.no_check_finite)
+        if int8:  # before the adapters are added: they wrap the int8 layers
+            quantize_int8(model)
         if args.resume:
             return lora.load_adapter(model, src), src
         torch.manual_seed(args.seed)

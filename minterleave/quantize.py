@@ -7,6 +7,10 @@ activations by int8 weights without materialising a dequantised copy. The vision
 projector (run once per image) and the norms stay as they are.
 Per-row symmetric scheme: w ≈ q * s, s = max|w_row| / 127, q = round(w / s) in [-127, 127].
 Reference: gpt-fast (pytorch-labs), quantize.py "int8 weight-only".
+
+Training on a frozen int8 base (LoRA, QLoRA-style): the kernel has no derivative, so Int8Linear runs it
+inside a small autograd Function whose backward gives the input gradient dy @ (q * s), dequantised on the
+fly in dy's dtype a block of input columns at a time; the int8 weights and scales get no gradient.
 """
 
 import torch
@@ -19,6 +23,38 @@ def quantize_rows(w):
     scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
     q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
+
+
+class Int8MatMul(torch.autograd.Function):
+    """y = x (q * s)^T by `_weight_int8pack_mm` (x 2-D); backward: dx = dy (q * s), no gradient for q, s.
+
+    dx is computed a block of its columns (W's input features) at a time, so no more than about
+    BLOCK elements of W are dequantised at once (the untied head of a 0.5B model is 136M); each block
+    is a whole reduction over the outputs, so the blocks change nothing but the peak memory."""
+
+    BLOCK = 1 << 24
+
+    @staticmethod
+    def forward(x, q, scales):
+        return torch._weight_int8pack_mm(x, q, scales)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, dy):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        q, scales = ctx.saved_tensors
+        s = scales.to(dy.dtype)[:, None]
+        step = max(1, Int8MatMul.BLOCK // q.shape[0])
+        if step >= q.shape[1]:
+            return dy @ (q.to(dy.dtype) * s), None, None
+        dx = dy.new_empty(dy.shape[0], q.shape[1])
+        for i in range(0, q.shape[1], step):
+            dx[:, i:i + step] = dy @ (q[:, i:i + step].to(dy.dtype) * s)
+        return dx, None, None
 
 
 class Int8Linear(nn.Module):
@@ -35,7 +71,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        y = Int8MatMul.apply(x.reshape(-1, shape[-1]), self.weight, self.scales)  # the kernel, differentiable
         y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
