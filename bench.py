@@ -3,6 +3,7 @@
     python bench.py                       # 0.5B configuration, random weights, bf16 and fp32
     python bench.py --model DIR --json out.json --only minterleave --dtypes bfloat16 --quick
     python bench.py attention [args]      # the attention-kernel benchmark, kernels/bench_attention.py
+    python bench.py finetune [args]       # one LoRA (and full) training step, minterleave vs transformers + PEFT
 
 Without --model, the llava-interleave-qwen-0.5b-hf configuration with random N(0, 0.02) weights is
 written once to cache/bench-0.5b (bf16, llava-hf layout, like the hub). Each implementation runs
@@ -165,9 +166,9 @@ def worker(impl, path, dtype_name, spec):
 
 
 class Worker:
-    def __init__(self, impl, path, dtype, spec):
+    def __init__(self, impl, path, dtype, spec, command="_worker"):
         self.impl, self.log = impl, tempfile.TemporaryFile(mode="w+")
-        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_worker", impl, path, dtype,
+        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), command, impl, path, dtype,
                                    json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self.log, text=True, cwd=ROOT)
         self.loaded = self.read()
@@ -188,6 +189,75 @@ class Worker:
         self.p.stdin.write(json.dumps(req) + "\n")
         self.p.stdin.flush()
         return self.read() if req["op"] != "exit" else self.p.wait()
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FT_TEXT_TOKENS = 256
+
+
+def finetune_worker(impl, path, mode, spec):
+    """One implementation, one training setup (mode "lora": frozen bf16 base + r=16 adapter on the seven decoder
+    projections; "full": every parameter trainable, bf16), activation checkpointing on; then answers
+    {"op": "steps", "n": N} with N timed steps (forward + backward + AdamW step), {"op": "exit"} ends."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    import torch
+    spec = json.loads(spec)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    if impl == "minterleave":
+        import minterleave as mi
+        from minterleave.lora import add_lora
+        model = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
+        if mode == "lora":
+            add_lora(model, r=16, alpha=32, targets=LORA_TARGETS)
+        model.set_grad_checkpointing(True)
+    else:
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode == "lora":
+            import peft
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0,
+                target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})"))  # the decoder's, not the tower's
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    # one image + FT_TEXT_TOKENS text tokens (image in the middle); every text token supervised
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, spec["vocab"], (FT_TEXT_TOKENS,), generator=g)
+    text[text == spec["image_token"]] = 0
+    half = FT_TEXT_TOKENS // 2
+    ids = torch.cat([text[:half], torch.full((spec["tokens_per_image"],), spec["image_token"]), text[half:]])[None]
+    labels = ids.masked_fill(ids == spec["image_token"], -100)
+    pixels = (torch.rand(1, 3, spec["image_size"], spec["image_size"], generator=g) * 2 - 1).to(torch.bfloat16)
+
+    def step():
+        if impl == "minterleave":
+            _, loss = model(ids, pixels, labels=labels, return_logits=False)
+        else:
+            loss = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    out.write(json.dumps({"rss_gb": hwm_gb(), "trainable": sum(p.numel() for p in params),
+                          "tokens": ids.shape[1]}) + "\n")
+    out.flush()
+    req = json.loads(sys.stdin.readline() or '{"op": "exit"}')
+    while req["op"] != "exit":
+        times, losses = [], []
+        for _ in range(req["n"]):
+            t0 = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t0)
+        out.write(json.dumps({"step_s": times, "loss": losses, "rss_gb": hwm_gb()}) + "\n")
+        out.flush()
+        req = json.loads(sys.stdin.readline() or '{"op": "exit"}')
+    return 0
 
 
 # ---------------------------------------------------------------- the parent
@@ -305,6 +375,81 @@ def table(results, info, bw, args, path, seconds):
     return "\n".join(lines)
 
 
+def finetune_main(argv):
+    """python bench.py finetune: the same training step in minterleave and in transformers + PEFT, side by side."""
+    p = cli.ArgumentParser(prog="bench.py finetune", description=(
+        "One training step (forward + backward + AdamW step) on one image + 256 text tokens, batch 1, activation "
+        "checkpointing on, in minterleave and in transformers + PEFT, each in its own process, alternating rounds. "
+        "lora: frozen bf16 base, r=16 (alpha 32) on the seven decoder projections; full: every parameter trainable, "
+        "bf16. Medians of the step times after one warm-up step; peak RSS is each process's VmHWM; ratios are "
+        "minterleave / transformers."))
+    p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
+    p.add_argument("--modes", default="lora,full", help="what to train, in order (default: %(default)s)")
+    p.add_argument("--steps", type=cli.positive_int, default=2, help="timed steps per round (default: %(default)s)")
+    p.add_argument("--rounds", type=cli.positive_int, default=3,
+                   help="rounds, each implementation's steps in turn (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: %(default)s, torch's own choice)")
+    p.add_argument("--json", help="write the results to this file (default: print only)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if not modes or set(modes) - {"lora", "full"}:
+        p.error(f"argument --modes: expected lora and/or full, got {args.modes!r}")
+    from minterleave import hub
+    from minterleave.config import load_config
+    path = hub.resolve(args.model) if args.model else DEFAULT_MODEL
+    if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
+        build_default_checkpoint(path)
+    cfg = load_config(path)
+    spec = dict(vocab=cfg.text.vocab_size, image_token=cfg.image_token_id, image_size=cfg.vision.image_size,
+                tokens_per_image=cfg.tokens_per_image, threads=args.threads)
+    impls, info, results, t0 = ["minterleave", "transformers"], machine(), {}, time.perf_counter()
+    import peft
+    info["peft"] = peft.__version__
+    say(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, transformers {info['transformers']}, "
+        f"peft {info['peft']}; model {path}")
+    for mode in modes:
+        workers, r = {}, {}
+        for impl in impls:
+            say(f"[{mode}] loading {impl} ...")
+            workers[impl] = w = Worker(impl, path, mode, spec, command="_finetune_worker")
+            r[impl] = {"trainable_params": w.loaded["trainable"], "tokens": w.loaded["tokens"], "step_s": []}
+        for impl in impls:  # warm-up: the first step, on the untrained adapter (its loss is the base model's)
+            x = workers[impl].call(op="steps", n=1)
+            r[impl]["first_loss"], r[impl]["warmup_s"] = x["loss"][0], x["step_s"][0]
+            say(f"[{mode}] {impl:12s} warm-up step {x['step_s'][0]:.2f} s, loss {x['loss'][0]:.5f}")
+        for k in range(args.rounds):
+            for impl in impls:
+                x = workers[impl].call(op="steps", n=args.steps)
+                r[impl]["step_s"] += x["step_s"]
+                r[impl]["peak_rss_gb"], r[impl]["last_loss"] = x["rss_gb"], x["loss"][-1]
+                say(f"[{mode}] round {k + 1} {impl:12s} steps " + " ".join(f"{t:.2f}" for t in x["step_s"])
+                    + f" s, VmHWM {x['rss_gb']:.2f} GB")
+        for impl in impls:
+            workers[impl].call(op="exit")
+            r[impl]["median_step_s"] = statistics.median(r[impl]["step_s"])
+        r["ratio"] = {k: r["minterleave"][k] / r["transformers"][k] for k in ("median_step_s", "peak_rss_gb")}
+        r["first_loss_diff"] = abs(r["minterleave"]["first_loss"] - r["transformers"]["first_loss"])
+        results[mode] = r
+    info["loadavg_at_end"] = os.getloadavg()
+    lines = [f"\n{info['cpu']}, {info['cores']} cores; {len(results)} mode(s), {args.rounds} rounds x {args.steps} "
+             f"steps after 1 warm-up, {time.perf_counter() - t0:.0f} s in all. Model {path}.", "",
+             "| mode | metric | minterleave | transformers + PEFT | ratio mi/tf |", "|---|---|---:|---:|---:|"]
+    for mode, r in results.items():
+        m, t = r["minterleave"], r["transformers"]
+        lines += [f"| {mode} | step time, median (s) | {m['median_step_s']:.3g} | {t['median_step_s']:.3g} "
+                  f"| {r['ratio']['median_step_s']:.2f}x |",
+                  f"| {mode} | peak RSS (GB) | {m['peak_rss_gb']:.3g} | {t['peak_rss_gb']:.3g} "
+                  f"| {r['ratio']['peak_rss_gb']:.2f}x |",
+                  f"| {mode} | trainable parameters | {m['trainable_params']} | {t['trainable_params']} | |",
+                  f"| {mode} | first-step loss | {m['first_loss']:.5f} | {t['first_loss']:.5f} | |"]
+    say("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "model": path, "args": vars(args), "results": results}, f, indent=2)
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["attention"]:
@@ -312,6 +457,10 @@ def main(argv=None):
         return bench_attention(argv[1:])
     if argv[:1] == ["_worker"]:
         return worker(*argv[1:])
+    if argv[:1] == ["finetune"]:
+        return finetune_main(argv[1:])
+    if argv[:1] == ["_finetune_worker"]:
+        return finetune_worker(*argv[1:])
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
     p.add_argument("--dtypes", default="bfloat16,float32", help="dtypes to run, in order (default: %(default)s)")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -132,3 +133,42 @@ def test_tune_attention_interpreter_smoke(tmp_path):
     assert {r["kernel"] for r in results} == {"fwd", "dkdv", "dq"}
     assert all(r["ok"] and positive(r["ms"]) for r in results)  # every candidate agrees with the current one
     assert "suggested CONFIGS" in run.stdout
+
+
+def test_bench_finetune_on_tiny_checkpoint(tmp_path):
+    """bench.py finetune: both implementations train, the ratios are the medians' quotients, and the first step
+    (untrained adapter, B = 0) gives both the base model's loss on the same batch (would differ with another
+    batch, image or base)."""
+    path = save_checkpoint(hf_model(seed=3), str(tmp_path / "ckpt"))
+    out = tmp_path / "ft.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "finetune", "--model", path, "--steps", "1",
+                          "--rounds", "2", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    res = json.loads(out.read_text())
+    assert res["args"]["steps"] == 1 and res["args"]["rounds"] == 2
+    assert set(res["results"]) == {"lora", "full"}
+    with open(os.path.join(path, "config.json")) as f:
+        vision = json.load(f)["vision_config"]
+    tokens = 256 + (vision["image_size"] // vision["patch_size"]) ** 2  # one image + 256 text tokens
+    for mode, r in res["results"].items():
+        for impl in ("minterleave", "transformers"):
+            x = r[impl]
+            assert len(x["step_s"]) == 2 and all(positive(t) for t in x["step_s"]), (mode, impl)
+            assert x["median_step_s"] == statistics.median(x["step_s"])
+            assert positive(x["peak_rss_gb"]) and x["tokens"] == tokens
+            assert math.isfinite(x["first_loss"]) and x["last_loss"] != x["first_loss"]  # it trained
+        for k in ("median_step_s", "peak_rss_gb"):
+            assert math.isclose(r["ratio"][k], r["minterleave"][k] / r["transformers"][k])
+        assert r["first_loss_diff"] == abs(r["minterleave"]["first_loss"] - r["transformers"]["first_loss"])
+        assert r["first_loss_diff"] <= 1e-3, (mode, r["minterleave"]["first_loss"], r["transformers"]["first_loss"])
+        assert f"| {mode} | step time, median (s) | {r['minterleave']['median_step_s']:.3g} |" in run.stdout
+    # the same adapter: r = 16 on the seven decoder projections, A (16, in) + B (out, 16) each, in both
+    with open(os.path.join(path, "config.json")) as f:
+        t = json.load(f)["text_config"]
+    c = t["hidden_size"]
+    kv = t["num_key_value_heads"] * c // t["num_attention_heads"]
+    per_layer = 16 * ((c + c) * 2 + (c + kv) * 2 + (c + t["intermediate_size"]) * 3)  # q o, k v, gate up down
+    lora = res["results"]["lora"]
+    assert lora["minterleave"]["trainable_params"] == lora["transformers"]["trainable_params"] \
+        == t["num_hidden_layers"] * per_layer
+    assert lora["minterleave"]["trainable_params"] < res["results"]["full"]["minterleave"]["trainable_params"]
