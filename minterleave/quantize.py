@@ -71,7 +71,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        y = Int8MatMul.apply(x.reshape(-1, shape[-1]), self.weight, self.scales)  # the kernel, differentiable
+        x2 = x.reshape(-1, shape[-1])
+        # decoding needs no gradient: call the kernel itself (no autograd Function on the decode step)
+        y = Int8MatMul.apply(x2, self.weight, self.scales) if x.requires_grad else \
+            torch._weight_int8pack_mm(x2, self.weight, self.scales)
         y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
