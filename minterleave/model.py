@@ -31,9 +31,13 @@ class Model(nn.Module):
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.decoder = Decoder(cfg.text)
         self.eos_token_ids = []  # generate's default stop ids: from_pretrained reads config.special_tokens
+        # FSDP (distributed.py): every process must run every sharded layer, so a training batch without images
+        # still runs the vision tower, on one blank image whose features count zero times
+        self.always_run_vision = False
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, check_finite=True, adapter=None):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, check_finite=True, adapter=None,
+                        quantize=None, group_size=None):
         """Load a checkpoint folder (config.json + safetensors, any supported layout) or a hub id.
 
         A missing folder, config.json or weights file is a FileNotFoundError (a file given as the folder a
@@ -42,7 +46,10 @@ class Model(nn.Module):
         a WeightsError naming the tensor and its file. The check is one min/max reduction per tensor as it is
         read; on the 0.5B model (864M values, 2 CPU cores, median of 3) loading takes ~0.55 s instead of
         ~0.35 s in bfloat16 and ~1.35 s instead of ~1.0 s in float32. check_finite=False skips it.
-        adapter: a LoRA adapter folder (PEFT's format) or hub id, added unmerged (lora.load_adapter)."""
+        adapter: a LoRA adapter folder (PEFT's format) or hub id, added unmerged (lora.load_adapter).
+        quantize: "int8" (per-row scales) or "int4" (group_size 32, 64 or 128) weight-only decoder, quantized
+        matrix by matrix while loading (qcheckpoint.py: the float decoder is never resident). A folder written
+        by qcheckpoint.save_quantized loads quantized as saved (quantize must then be None or its scheme)."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
@@ -52,8 +59,18 @@ class Model(nn.Module):
         # build on the meta device, then allocate each parameter once, in the target dtype
         with torch.device("meta"):
             model = cls(cfg).to(dtype)  # free: meta tensors have no storage
-        model = model.to_empty(device=device)
-        weights.load_weights(model, path, cfg, where, check_finite)
+        from . import qcheckpoint
+        saved = qcheckpoint.saved_scheme(path)
+        if saved is not None:
+            if quantize not in (None, saved["scheme"]) or group_size not in (None, saved.get("group_size")):
+                raise ValueError(f"{path} holds a {saved['scheme']} checkpoint (group size {saved.get('group_size')}); "
+                                 f"it cannot be loaded as {quantize} (group size {group_size})")
+            qcheckpoint.load_saved(model, path, where, check_finite, device)
+        elif quantize is not None:
+            qcheckpoint.load_quantizing(model, path, cfg, where, check_finite, quantize, group_size, device)
+        else:
+            model = model.to_empty(device=device)
+            weights.load_weights(model, path, cfg, where, check_finite)
         model.eos_token_ids = special_tokens(path)["eos"]
         if adapter is not None:
             from .lora import load_adapter
@@ -114,6 +131,10 @@ class Model(nn.Module):
         if n_images:
             feats = self.image_features(pixel_values.to(device=h.device, dtype=h.dtype))
             h = h.masked_scatter(is_image[..., None], feats.to(h.dtype))  # fills positions in order
+        elif self.always_run_vision and torch.is_grad_enabled():
+            size = self.cfg.vision.image_size
+            blank = h.new_zeros(1, 3, size, size)
+            h = h + 0.0 * self.image_features(blank).sum()  # the same collectives; no change to h or the gradients
         return h
 
     @staticmethod

@@ -11,6 +11,10 @@ Reference: gpt-fast (pytorch-labs), quantize.py "int8 weight-only".
 Training on a frozen int8 base (LoRA, QLoRA-style): the kernel has no derivative, so Int8Linear runs it
 inside a small autograd Function whose backward gives the input gradient dy @ (q * s), dequantised on the
 fly in dy's dtype a block of input columns at a time; the int8 weights and scales get no gradient.
+
+`quantize(model, "int8" | "int4", group_size)` swaps the decoder's matrices in place (int4: int4.py, groups
+of 32/64/128 input columns, the embedding lookup kept in int8 rows); qcheckpoint.py quantizes while
+loading (no float copy of the decoder resident) and saves/loads quantized checkpoints.
 """
 
 import torch
@@ -91,19 +95,76 @@ class Int8Embedding(nn.Module):
         return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids, None]
 
 
+SCHEMES = ("int8", "int4")
+
+
+def check_scheme(scheme, group_size=None):
+    """The group size to use: int8 is per row (no groups: PyTorch's int8 CPU kernel takes one scale per
+    output row), int4 per group of 32 by default (llama.cpp's q4_0 block)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {SCHEMES}")
+    if scheme == "int8":
+        if group_size not in (None, 0):
+            raise ValueError(f"int8 is per output row (torch._weight_int8pack_mm has no group scales); "
+                             f"got group size {group_size}")
+        return None
+    from .int4 import GROUP_SIZES
+    group_size = group_size or 32
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size} is not supported; use one of {GROUP_SIZES}")
+    return group_size
+
+
+def quantized_linear(weight, bias, scheme, group_size, dtype):
+    """An Int8Linear or Int4Linear computing weight (out, in) in `dtype`."""
+    if scheme == "int8":
+        q, s = quantize_rows(weight)
+        return Int8Linear(q, s, bias, dtype)
+    from .int4 import Int4Linear
+    return Int4Linear.from_weight(weight, group_size, bias, dtype)
+
+
+def targets(decoder):
+    """(module holding it, attribute, parameter name under `decoder.`) of every decoder matrix that a
+    decode step reads: the four per layer; the embedding (and untied head) are handled apart."""
+    out = []
+    for i, block in enumerate(decoder.layers):
+        for part, attr in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
+                           ("mlp", "down_proj")):
+            out.append((getattr(block, part), attr, f"layers.{i}.{part}.{attr}"))
+    return out
+
+
 @torch.no_grad()
-def quantize_int8(model):
-    """Replace the decoder's linear layers, embedding and head by int8 versions, in place."""
+def install_embedding(decoder, emb_weight, head_weight, scheme, group_size, dtype):
+    """Embedding (int8 rows) and output head from float matrices; head_weight None = tied. A tied int8
+    head shares the embedding's int8 table; a tied int4 head is its own packed copy (a quarter of bf16)."""
+    q, s = quantize_rows(emb_weight)
+    decoder.embed_tokens = Int8Embedding(q, s, dtype)
+    if head_weight is None and scheme == "int8":
+        decoder.lm_head = Int8Linear(q, s, None, dtype)
+    else:
+        decoder.lm_head = quantized_linear(emb_weight if head_weight is None else head_weight, None, scheme,
+                                           group_size, dtype)
+
+
+@torch.no_grad()
+def quantize(model, scheme="int8", group_size=None):
+    """Replace the decoder's linear layers, embedding and head by weight-only quantized ones, in place;
+    each float matrix is freed as soon as its replacement exists. Returns the model."""
+    group_size = check_scheme(scheme, group_size)
     dec = model.decoder
     dtype = dec.norm.weight.dtype
-    for block in dec.layers:
-        attn, mlp = block.self_attn, block.mlp
-        attn.qkv_proj, attn.o_proj = Int8Linear.from_linear(attn.qkv_proj), Int8Linear.from_linear(attn.o_proj)
-        mlp.gate_up_proj, mlp.down_proj = Int8Linear.from_linear(mlp.gate_up_proj), Int8Linear.from_linear(mlp.down_proj)
-    q, s = quantize_rows(dec.embed_tokens.weight)
-    dec.embed_tokens = Int8Embedding(q, s, dtype)
-    if dec.lm_head is None:  # tied: the head is the same int8 table
-        dec.lm_head = Int8Linear(q, s, None, dtype)
-    else:
-        dec.lm_head = Int8Linear.from_linear(dec.lm_head)
+    for parent, attr, _ in targets(dec):
+        lin = getattr(parent, attr)
+        setattr(parent, attr, quantized_linear(lin.weight, lin.bias, scheme, group_size, dtype))
+        del lin
+    head = None if dec.lm_head is None else dec.lm_head.weight
+    install_embedding(dec, dec.embed_tokens.weight, head, scheme, group_size, dtype)
+    model.quantization = {"scheme": scheme, "group_size": group_size}
     return model
+
+
+def quantize_int8(model):
+    """Int8 weight-only decoder (per-row scales), in place: `quantize(model, "int8")`."""
+    return quantize(model, "int8")

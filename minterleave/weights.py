@@ -203,15 +203,16 @@ def nonfinite_error(f, start: int, info: dict, name: str, dtype: torch.dtype) ->
                         f"(they would load as Inf); load it in float32 or bfloat16")
 
 
-def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_finite: bool = True):
+def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_finite: bool = True, skip=()):
     """Copy every tensor of the checkpoint at `path` into `model` (converted to its dtype). With check_finite,
-    a tensor holding NaN or Inf once loaded is an error naming it and its file."""
+    a tensor holding NaN or Inf once loaded is an error naming it and its file. skip: our names of parameters
+    not loaded here (qcheckpoint.py reads them one at a time with `read_param`, to quantize each)."""
     where = where if where is not None else weight_files(path)
     layout = detect_layout(cfg, where)
     vision_layers = len(model.vision.layers)
     names = tensor_map(cfg, layout, vision_layers)
     params = dict(model.named_parameters())
-    assert {ours for ours, _ in names.values()} == set(params), "key map out of date"
+    assert {ours for ours, _ in names.values()} - set(skip) == set(params), "key map out of date"
 
     missing = [ck for ck in names if ck not in where]
     if missing:
@@ -224,6 +225,8 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_f
 
     by_file = {}
     for ck, (ours, rows) in names.items():
+        if ours in skip:
+            continue
         target = params[ours].data if rows is None else params[ours].data[rows[0]:rows[1]]  # rows: a view
         by_file.setdefault(where[ck], []).append((ck, target))
     # One thread while reading: the reads are serial and the tensor ops between them (a dtype conversion, the
@@ -247,6 +250,28 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_f
     finally:
         torch.set_num_threads(threads)
     return layout
+
+
+def read_param(cfg: ModelConfig, where: dict, ours: str, out: torch.Tensor, check_finite: bool = True, headers=None):
+    """Fill `out` with our parameter `ours` (all its row blocks: q/k/v or gate/up) from the checkpoint files
+    `where` ({tensor: file}). headers: a dict caching each file's parsed header between calls."""
+    headers = {} if headers is None else headers
+    layout = detect_layout(cfg, where)
+    parts = [(ck, rows) for ck, (name, rows) in tensor_map(cfg, layout, cfg.vision_layers_used).items() if name == ours]
+    assert parts, f"no checkpoint tensor fills {ours}"  # (load_weights has checked that none is missing)
+    with torch.no_grad():
+        for ck, rows in parts:
+            if where[ck] not in headers:
+                headers[where[ck]] = read_header(where[ck])
+            start, header = headers[where[ck]]
+            target = out if rows is None else out[rows[0]:rows[1]]
+            if tuple(header[ck]["shape"]) != tuple(target.shape):
+                raise WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, expected {list(target.shape)}")
+            with open(where[ck], "rb") as f:
+                read_into(f, start, header[ck], target)
+                if check_finite and not is_finite(target):
+                    raise nonfinite_error(f, start, header[ck], ck, target.dtype)
+    return out
 
 
 def embedding_location(path: str, cfg: ModelConfig) -> dict:
