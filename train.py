@@ -5,6 +5,7 @@
     python train.py --init llava-hf/llava-interleave-qwen-0.5b-hf --freeze vision \\
         --data m4_instruct_annotations.json --image-root M4-Instruct-Data --out out/m4   # real data
     torchrun --nproc_per_node 2 train.py ...                                           # DDP
+    torchrun --nproc_per_node 2 train.py ... --fsdp                       # FSDP2: each process holds 1/2 of it all
     python train.py ... --resume                                   # continue out/... where it stopped
     python train.py --init weights/minterleave-tiny --lora-r 8 --domain video --out out/lora   # a LoRA adapter
 
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import minterleave as mi
-from minterleave import checkpoint, cli, data, hub, lora, scoring, streams, tasks
+from minterleave import checkpoint, cli, data, distributed, hub, lora, scoring, streams, tasks
 from minterleave.config import IGNORE_INDEX, PRESETS, preset, preset_config
 from minterleave.quantize import quantize_int8
 from minterleave.tasks import patch_words
@@ -104,6 +105,9 @@ def parse_args(argv=None):
                    help="with --lora-r and --export: write the merged full model (else the adapter alone)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder and vision layer in backward instead of keeping its activations")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2, "
+                        "minterleave/distributed.py) instead of replicating them (DDP)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
     try:  # check the weight specs and parts now, before anything is loaded
@@ -116,24 +120,14 @@ def parse_args(argv=None):
         p.error("--lora-r needs --init: an adapter is trained on a pretrained model")
     if args.merge and args.base_dtype == "int8":
         p.error("--merge needs float base weights: use --base-dtype float32 or bfloat16, not int8")
+    if args.fsdp and args.patch_words:
+        p.error("--patch-words does not combine with --fsdp (its loss runs the vision tower outside the sharded forward)")
+    if args.fsdp and args.eval_every:
+        p.error("--eval-every does not combine with --fsdp: evaluate the saved checkpoint with eval.py")
     bad = [part for part in filter(None, args.freeze.split(",")) if part not in ("vision", "projector")]
     if bad:
         p.error(f"--freeze: unknown part {bad[0]!r} (vision, projector)")
     return args
-
-
-def setup_distributed(args):
-    """(rank, world, device) — under torchrun, DDP with gloo on CPU or nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world == 1:
-        return 0, 1, torch.device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
 
 
 def build_model(args, assets):
@@ -206,14 +200,18 @@ def train_step(model, net, batches, scenes, args, world, device):
         return x
     n_items = global_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
     n_cells = global_sum(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for _, t in scenes)) if scenes else None
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else contextlib.nullcontext())
+    fsdp = args.fsdp and world > 1
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" and not fsdp
+                else contextlib.nullcontext())  # FSDP casts the weights itself (distributed.shard)
     total, patch_total = torch.zeros((), device=device), torch.zeros((), device=device)
     for m, b in enumerate(batches):
         b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
-        sync = contextlib.nullcontext() if world == 1 or m == len(batches) - 1 else net.no_sync()
+        last = m == len(batches) - 1
+        if fsdp:  # reduce-scatter the gradients once, after the step's last micro-batch
+            model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if world == 1 or fsdp or last else net.no_sync()
         with sync, autocast:
-            # DDP averages gradients over ranks: dividing by n_items / world makes that the global mean
+            # DDP and FSDP average gradients over ranks: dividing by n_items / world makes that the global mean
             _, loss = net(b["input_ids"], b.get("pixel_values"), attention_mask=b["attention_mask"],
                           labels=b["labels"], num_items_in_batch=n_items / world, return_logits=False)
             extra = 0.0
@@ -230,7 +228,7 @@ def train_step(model, net, batches, scenes, args, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
+    rank, world, device = distributed.setup(args.device)
     master, out = rank == 0, os.path.abspath(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,6 +253,9 @@ def train(args, out, assets, rank, world, device):
     model.train().to(device).set_grad_checkpointing(args.grad_checkpoint)
     for part in filter(None, args.freeze.split(",")):
         getattr(model, part).requires_grad_(False)
+    fsdp = args.fsdp and world > 1
+    if fsdp:  # after loading (every process read the whole checkpoint) and before the optimizer sees the parameters
+        distributed.shard(model, bf16=args.dtype == "bfloat16")
     opt = make_optimizer(model, args)
     start_step, offset = 0, 0
     if args.resume:
@@ -263,13 +264,13 @@ def train(args, out, assets, rank, world, device):
         if master:
             checkpoint.truncate_log(out, start_step)
     stream, words = make_stream(args, proc, cfg)
-    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+    net = model if world == 1 or fsdp else torch.nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=args.data is not None)
     G = args.batch_size * args.grad_accum * world
     if master:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vision "
               f"{cfg.vision.num_layers}x{cfg.vision.hidden_size}, text {cfg.text.num_layers}x{cfg.text.hidden_size}, "
-              f"vocab {cfg.text.vocab_size}, {cfg.tokens_per_image} tokens/image; {world} process(es), global batch "
+              f"vocab {cfg.text.vocab_size}, {cfg.tokens_per_image} tokens/image; {world} process(es){' (FSDP)' * fsdp}, global batch "
               f"{G}; steps {start_step}->{args.max_steps}", flush=True)
     steps = streams.StepBatches(stream, offset, args.batch_size, args.grad_accum, rank, world, proc.pad_token_id,
                                 max(0, args.max_steps - start_step))
@@ -283,7 +284,7 @@ def train(args, out, assets, rank, world, device):
         scenes = [patch_words.batch(proc, [f"{args.seed}-{step}-{(m * world + rank) * n + i}" for i in range(n)],
                                     cfg.vision.image_size, words) for m in range(len(batches))] if words else []
         loss, patch_loss, n_tokens = train_step(model, net, batches, scenes, args, world, device)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        norm = distributed.grad_norm(model, args.grad_clip or float("inf"))
         if math.isfinite(loss) and bool(torch.isfinite(norm)):
             opt.step()
             last_good = (step + 1, loss)
@@ -307,14 +308,15 @@ def train(args, out, assets, rank, world, device):
         if done % args.save_every == 0 or done == args.max_steps or stop:
             state = {"step": done, "samples": offset, "global_batch": G, "world_size": world, "args": vars(args),
                      "data": "json" if args.data else "synthetic"}
-            if master:
-                checkpoint.save(out, model, assets, optimizer=opt, state=state, log_file=os.path.join(out, checkpoint.LOG))
-            if world > 1:
-                dist.barrier()
+            save(out, model, opt, assets, state, master, fsdp)
         if stop:
             break
     if master and args.export and not stop:
-        final = lora.merge_lora(copy.deepcopy(model)) if args.lora_r and args.merge else model
+        final = model
+        if fsdp:  # the shards are spread over the processes: read the whole model back from the final checkpoint
+            final = mi.Model.from_pretrained(args.init if args.lora_r else out, check_finite=False,
+                                             adapter=out if args.lora_r else None)
+        final = lora.merge_lora(copy.deepcopy(final)) if args.lora_r and args.merge else final
         checkpoint.save(args.export, final, assets, dtype=getattr(torch, args.export_dtype),
                         log_file=os.path.join(out, checkpoint.LOG))
         print(f"exported {args.export} ({args.export_dtype})", flush=True)
@@ -323,6 +325,21 @@ def train(args, out, assets, rank, world, device):
     if master:
         print(f"{'stopped' if stop else 'done'}: {done} steps, {(time.time() - t0) / 60:.1f} min; checkpoint {out}",
               flush=True)
+
+
+def save(out, model, opt, assets, state, master, fsdp):
+    """The training checkpoint, written by rank 0. Under FSDP every process first takes part in gathering each
+    tensor whole, so the files are the same as a single process writes (and any process count can resume)."""
+    if fsdp:
+        params, moments = distributed.full_state(model, opt, master)
+        if master:
+            with distributed.swapped(model, params):
+                checkpoint.save(out, model, assets, state=state, log_file=os.path.join(out, checkpoint.LOG),
+                                optimizer_state=moments)
+    elif master:
+        checkpoint.save(out, model, assets, optimizer=opt, state=state, log_file=os.path.join(out, checkpoint.LOG))
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def log_step(out, done, loss, patch_loss, lr, tokens_seen, t0, start_step, args, offset):

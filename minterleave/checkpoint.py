@@ -58,11 +58,13 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=None):
+def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=None, optimizer_state=None):
     """Write model (+ optimizer/state when given) as a complete checkpoint folder `out`, atomically.
 
     assets: a folder with the tokenizer/processor files to include. dtype: cast the saved weights
     (e.g. torch.bfloat16 for export; the model itself is untouched). log_file: a train_log.jsonl to include.
+    optimizer_state: instead of `optimizer`, its tensors already gathered ({"<moment>/<parameter>": tensor}, what
+    optimizer_tensors gives; FSDP's shards are gathered by distributed.full_state).
     Refuses (ValueError, nothing written) a model with a NaN or Inf weight: it never replaces a good one."""
     from safetensors.torch import save_file
     bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
@@ -89,9 +91,11 @@ def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=No
     if log_file and os.path.isfile(log_file):
         shutil.copy2(log_file, os.path.join(tmp, LOG))
         _step("log")
-    if optimizer is not None:  # a training checkpoint: its state, then the manifest that marks it complete
+    if optimizer is not None or optimizer_state is not None:  # a training checkpoint: its state, then the manifest
         os.makedirs(os.path.join(tmp, STATE_DIR))
-        save_file(optimizer_tensors(model, optimizer), os.path.join(tmp, STATE_TENSORS))
+        tensors = optimizer_tensors(model, optimizer) if optimizer_state is None else {
+            "rng/torch": torch.get_rng_state(), **optimizer_state}
+        save_file(tensors, os.path.join(tmp, STATE_TENSORS))
         _step("optimizer")
         files = {}
         for root, _, names in os.walk(tmp):
@@ -184,8 +188,10 @@ def recover(out):
 
 
 def load_state(ckpt, model, optimizer):
-    """Restore the optimizer moments and the RNG saved with `ckpt` into `optimizer`; returns state.json."""
+    """Restore the optimizer moments and the RNG saved with `ckpt` into `optimizer`; returns state.json. Under FSDP
+    each process keeps its shard of every moment, whatever the number of processes that saved them."""
     from safetensors.torch import load_file
+    from .distributed import shard_like
     params = dict(model.named_parameters())
     for key, v in load_file(os.path.join(ckpt, STATE_TENSORS)).items():
         kind, _, name = key.partition("/")
@@ -193,7 +199,7 @@ def load_state(ckpt, model, optimizer):
             torch.set_rng_state(v)
         else:
             p = params[name]
-            optimizer.state.setdefault(p, {})[kind] = v.to(p.device) if kind != "step" else v
+            optimizer.state.setdefault(p, {})[kind] = shard_like(v.to(p.device), p) if kind != "step" else v
     return read_state(ckpt)
 
 

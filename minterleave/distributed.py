@@ -1,0 +1,109 @@
+"""Training across processes and machines: DDP, or FSDP2 (fully sharded data parallel) for models that do not fit.
+
+    torchrun --nproc_per_node 2 train.py ... --fsdp        # 2 processes, each holding half of every weight
+
+DDP keeps a whole copy of the model, its gradients and its AdamW moments on every process (16 bytes per fp32
+parameter). FSDP2 (`torch.distributed.fsdp.fully_shard`) keeps 1/world of each: every decoder and vision layer is
+its own unit whose weights are all-gathered just before its forward (and again in backward) and dropped right
+after, and whose gradients are reduce-scattered so each process updates only its shard; the rest of the model
+(embeddings, head, projector, norms) is the root unit, sharded last. The parameters become DTensors (a shard plus
+the layout); the model's code does not change. Mixed precision is FSDP's own: bf16 weights all-gathered and
+computed with, fp32 shards updated and gradients reduced in fp32.
+
+Two rules follow from the collectives (every process must issue the same ones in the same order):
+  * every process runs every unit in every micro-batch: a batch without images still runs the vision tower (on one
+    blank image whose output is multiplied by zero, Model.always_run_vision);
+  * saving gathers each tensor with a collective on all processes; rank 0 alone writes the ordinary checkpoint
+    (safetensors, llava-hf layout or a PEFT adapter), so a run resumes under any number of processes, FSDP or not.
+Reference: PyTorch's FSDP2 tutorial and torchtitan (per-block fully_shard, root last).
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def setup(device=None):
+    """(rank, world, device): under torchrun, the process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def shard(model, bf16=False):
+    """FSDP2 in place: each vision and decoder layer a unit, then the root. bf16: weights all-gathered and used in
+    bfloat16, gradients reduced in float32 (the shards the optimizer updates stay in their own dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in [*model.vision.layers, *model.decoder.layers]:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.always_run_vision = True
+    return model
+
+
+def is_sharded(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def full(t):
+    """The whole tensor of a (possibly sharded) parameter or optimizer state. Collective on sharded ones: every
+    process must call it, in the same order."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(value, param):
+    """A full tensor `value` cut to this process's shard of `param` (no communication: every process holds value)."""
+    if not is_sharded(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(value.detach().to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def grad_norm(model, max_norm):
+    """clip_grad_norm_ over all parameters; the total norm as a plain tensor (FSDP returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return full(norm)
+
+
+def full_state(model, optimizer, master):
+    """({name: full parameter}, {"<moment>/<name>": full optimizer state}) on rank 0, gathered one tensor at a time
+    (a non-master process holds one full tensor at most, and returns two empty dicts)."""
+    params, moments = {}, {}
+    for name, p in model.named_parameters():
+        t = full(p.detach())
+        if master:
+            params[name] = t.cpu()
+        for k, v in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+            v = full(v)
+            if master:
+                moments[f"{k}/{name}"] = v.detach().cpu().contiguous()
+    return params, moments
+
+
+@contextlib.contextmanager
+def swapped(model, params):
+    """Within the block, `model`'s parameters are the plain tensors `params` ({name: tensor}), so the ordinary
+    writers (checkpoint.save, lora.save_adapter) see a whole model; the shards are put back after."""
+    saved = []
+    for name, t in params.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        saved.append((module, attr, module._parameters[attr]))
+        module._parameters[attr] = nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
+    try:
+        yield model
+    finally:
+        for module, attr, p in saved:
+            module._parameters[attr] = p
