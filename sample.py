@@ -6,6 +6,7 @@
     python sample.py --model DIR --views v0.png v1.png v2.png --prompt "How many objects?"
     python sample.py --model DIR --image big.png --multi-patch --prompt "What is written?"
     python sample.py --model llava-hf/llava-interleave-qwen-0.5b-hf --image a.png  # a hub id (fetched once)
+    python sample.py --chat [--image a.png]              # a multi-turn chat that keeps its KV cache (chat.py)
 
 The prompt may place media itself with `<image>` / `<video>` placeholders (filled in the
 order given: --image files, then --views, then --video); without placeholders every medium goes
@@ -57,11 +58,17 @@ def parse_args(argv=None):
                    help="weights and compute dtype (default: %(default)s)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (PEFT's format) or hub id, merged into the weights before decoding")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only decoder weights (faster CPU decoding, small logit drift; default: off)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="int8 (per row) or int4 (--group-size) weight-only decoder weights (faster CPU decoding, "
+                        "small logit drift; default: off)")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="input columns per int4 scale (default: %(default)s)")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"],
                    help="attention backend (default: triton on CUDA, sdpa elsewhere)")
     p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of the weights (faster load)")
+    p.add_argument("--chat", action="store_true",
+                   help="a multi-turn chat (commands /image, /video, /views, /reset, /save, /ttft, /quit); the media "
+                        "and --prompt given here start its first turn")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
     if args.prompt_file is not None:  # read now: a bad file is found before the model is loaded
@@ -70,6 +77,8 @@ def parse_args(argv=None):
         args.prompt = None  # an empty prompt is no prompt, as --help says
     if args.multi_patch and len(args.image) != 1:
         p.error("--multi-patch needs exactly one --image")
+    if args.multi_patch and args.chat:
+        p.error("--multi-patch is not available with --chat")
     return args
 
 
@@ -83,11 +92,10 @@ def build_prompt(proc, question, n_images, has_video):
     return proc.apply_chat_template([{"role": "user", "content": content}])
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def load(args):
+    """(model, processor, folder) as the flags ask: adapter merged, int8, packed for decoding (serve.py too)."""
     import minterleave as mi
     from minterleave import hub
-    from minterleave.demo import run_demo, stream_answer
 
     if args.attn:
         mi.set_backend(args.attn)
@@ -97,13 +105,40 @@ def main(argv=None):
     if args.adapter:  # decode from merged weights: one matmul per projection, packable and quantizable
         from minterleave.lora import merge_lora
         merge_lora(model)
-    if args.quantize == "int8":
-        from minterleave.quantize import quantize_int8
-        quantize_int8(model)
+    if args.quantize:
+        from minterleave.quantize import quantize
+        quantize(model, args.quantize, args.group_size if args.quantize == "int4" else None)
     model.prepare_for_inference(path)  # packed decoder weights for CPU decoding (packing.py)
-    proc = mi.Processor.from_pretrained(path)
+    return model, mi.Processor.from_pretrained(path), path
+
+
+def chat(args, model, proc, gen):
+    """--chat: the first turn from the flags (if a prompt is given), then the REPL on stdin."""
+    from minterleave.chat import ChatSession, repl
+
+    session = ChatSession(model, proc, seed=gen.pop("seed"))
+    for image in args.image:
+        session.add_image(image)
+    if args.views:
+        session.add_views(args.views)
+    if args.video:
+        session.add_video(args.video, args.frames)
+    if args.prompt is not None:
+        print(f"> {args.prompt}")
+        session.ask(args.prompt, stream=lambda piece: print(piece, end="", flush=True), **gen)
+        print()
+    return repl(session, gen)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from minterleave.demo import run_demo, stream_answer
+
+    model, proc, path = load(args)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed)
+    if args.chat:
+        return chat(args, model, proc, gen)
     media = args.image or args.views or args.video
     if args.prompt is None and not media:  # the one-example-per-domain tour of the bundled model
         return run_demo(model, proc, gen, model_name=args.model)
