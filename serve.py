@@ -22,13 +22,13 @@ from sample import BUNDLED, load
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id (default: the bundled tiny model)")
+    p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id (default: the bundled tiny model, %(default)s)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter folder (PEFT's format), merged")
     p.add_argument("--name", default=None, help="the model name clients see (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free one)")
-    p.add_argument("--api-key", default=os.environ.get("MINTERLEAVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $MINTERLEAVE_API_KEY, else no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $MINTERLEAVE_API_KEY if set, else no key)")
     p.add_argument("--media-root", default=None, metavar="DIR",
                    help="allow local image/video paths and file:// URLs inside DIR (default: data: URLs only)")
     p.add_argument("--max-body-mb", type=cli.positive_int, default=64, help="request body limit (default: %(default)s)")
@@ -43,10 +43,11 @@ def parse_args(argv=None):
                    help="weights and compute dtype (default: %(default)s)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only decoder weights")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"], help="attention backend")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: %(default)s, torch's choice)")
     p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of the weights")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
+    args.api_key = args.api_key or os.environ.get("MINTERLEAVE_API_KEY")  # not in --help, which would show it
     if args.media_root is not None and not os.path.isdir(args.media_root):
         p.error(f"argument --media-root: {args.media_root} is not a folder")
     return args

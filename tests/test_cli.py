@@ -18,6 +18,7 @@ from minterleave import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {  # script -> (file or module, function that builds and parses the arguments)
     "sample.py": ("sample.py", "main"),
+    "serve.py": ("serve.py", "main"),
     "bench.py": ("bench.py", "main"),
     "eval.py": ("eval.py", "main"),
     "train.py": ("train.py", "main"),
