@@ -10,12 +10,11 @@ Prompts: a question (its text with `<image>`/`<video>` placeholders where the me
 answer (records: `data.record_question`, which does the same). Greedy generation; the answer is cut at
 the first end-of-turn id.
 
-Judging (as Interleave-Bench's scorer: exact match for multiple choice, ROUGE-L for open-ended):
+Judging:
 - synthetic questions: exact match after `normalize` (lower case, first line only, outer punctuation
   and a leading "the/a/an" dropped, runs of spaces collapsed);
-- multiple choice: the same, except that a one-letter answer ("B") is compared with the option letter
-  the prediction starts with ("B", "(B)", "B.", "B) text", "Answer: B");
-- open-ended: ROUGE-L F1 over lower-cased whitespace tokens, the prediction cut to 512 characters.
+- records (Interleave-Bench-format JSON): Interleave-Bench's own rules, minterleave/bench_scoring.py (as
+  lmms-eval: `mcq_acc` for multiple choice, the `rouge` package's ROUGE-L F for open-ended questions).
 Chance: a synthetic question knows its own (a blind guess among its possible answers); a multiple-choice
 record's is 1 / the number of options its question lists ("(A) ..", "B. .."), else unknown (None).
 
@@ -32,10 +31,10 @@ import string
 
 import torch
 
-from . import data, tasks
+from . import bench_scoring, data, tasks
+from .bench_scoring import mcq_acc, rouge_l  # noqa: F401  (the judging of records, re-exported)
 
 ARTICLES = re.compile(r"^(the|a|an)\s+")
-ROUGE_CHARS = 512  # predictions are cut here before ROUGE-L, as lmms-eval does
 
 
 # ---------------------------------------------------------------------------------------- judging
@@ -47,50 +46,18 @@ def normalize(text):
     return " ".join(t.split())
 
 
-def option_letter(text):
-    """'B', '(B)', 'B.', 'B) foo', 'Answer: B' → 'b'; None if the text does not start with an option."""
-    t = text.strip()
-    t = re.sub(r"^(the\s+)?(answer|option)\s*(is)?\s*:?\s*", "", t, flags=re.I)
-    m = re.match(r"^\(?([A-Ha-h])\)?(?:[.):,\s]|$)", t)
-    return m.group(1).lower() if m else None
-
-
 def exact_match(pred, answer):
     return normalize(pred) == normalize(answer)
 
 
-def multi_choice_correct(pred, answer):
-    a = normalize(answer)
-    if len(a) == 1 and a.isalpha():
-        return option_letter(pred) == a
-    return normalize(pred) == a
-
-
-def rouge_l(pred, ref):
-    """ROUGE-L F1 of two strings (longest common subsequence of lower-cased whitespace tokens)."""
-    p, r = pred[:ROUGE_CHARS].lower().split(), ref.lower().split()
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for x in p:
-        cur = [0] * (len(r) + 1)
-        for j, y in enumerate(r):
-            cur[j + 1] = prev[j] + 1 if x == y else max(prev[j + 1], cur[j])
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
+def score(pred, answer, question_type):
+    """One record's score: Interleave-Bench's (bench_scoring.score); a question type that is not "open-ended"
+    counts as multiple choice, as records without metadata default to it."""
+    return bench_scoring.score(pred, answer, "open-ended" if is_open_ended(question_type) else "multi-choice")
 
 
 def is_open_ended(question_type):
     return "open" in question_type.lower()
-
-
-def score(pred, answer, question_type):
-    """One record's score: ROUGE-L F1 for open-ended questions, else 1.0 / 0.0 (multiple choice)."""
-    return rouge_l(pred, answer) if is_open_ended(question_type) else float(multi_choice_correct(pred, answer))
 
 
 def count_options(question):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import minterleave as mi
-from minterleave import scoring, tasks
+from minterleave import bench_scoring, scoring, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "minterleave-tiny")
@@ -68,26 +68,28 @@ def test_normalize_and_option_letters():
     assert scoring.normalize("  Red.\n") == "red"
     assert scoring.normalize("The top-left") == "top-left"
     assert scoring.normalize("two  blue\tcircles!\nmore") == "two blue circles"
-    assert scoring.multi_choice_correct("(B) a cat", "B")
-    assert scoring.multi_choice_correct("Answer: b", "B")
-    assert scoring.multi_choice_correct("The answer is C.", "C")
-    assert not scoring.multi_choice_correct("A", "B")
-    assert not scoring.multi_choice_correct("Blue", "B")  # a word that starts with the letter is no option
-    assert scoring.multi_choice_correct("Yes.", "yes")
+    # records are judged by Interleave-Bench's rules (bench_scoring, tested in test_interleave_bench.py)
+    assert scoring.mcq_acc("(B) a cat", "B")
+    assert scoring.mcq_acc("Answer: b", "B")
+    assert scoring.mcq_acc("The answer is C.", "C")
+    assert not scoring.mcq_acc("A", "B")
+    assert not scoring.mcq_acc("Blue", "B")  # a word that starts with the letter is no option
+    assert scoring.mcq_acc("Yes.", "yes")
+    assert scoring.score("B", "B", "multi-choice") == 1.0 and scoring.score("B", "B", "whatever") == 1.0
     assert scoring.count_options("Which? (A) red (B) blue (C) green") == 3
     assert scoring.count_options("Which?\nA. x\nB. y") == 2
     assert scoring.count_options("What colour is it?") is None
 
 
 def test_rouge_l():
-    assert scoring.rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    """The records' ROUGE-L is Interleave-Bench's (the `rouge` package's, case-sensitive, distinct words)."""
+    assert scoring.rouge_l is bench_scoring.rouge_l
+    assert scoring.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     assert scoring.rouge_l("", "a b") == 0.0
     assert scoring.rouge_l("x y", "z") == 0.0
-    # LCS "the cat the mat" (4) of 6 and 5 tokens
-    assert scoring.rouge_l("the cat sat on the mat", "The cat was the mat") == pytest.approx(
-        2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
-    # the prediction is cut at 512 characters: 256 "x " tokens, LCS 1 → F1 = 2 * (1/256) * 1 / (1/256 + 1)
-    assert scoring.rouge_l("x " * 400, "x") == pytest.approx(2 / 257)
+    # distinct words {the, cat, sat, on, mat} and {The, cat, was, the, mat}; LCS words {cat, the, mat}
+    assert scoring.rouge_l("the cat sat on the mat", "The cat was the mat") == pytest.approx(0.6)
+    assert scoring.score("two cats", "two cats", "open-ended") == pytest.approx(1.0)
 
 
 def test_tables_average_per_question_and_per_category():
@@ -140,7 +142,7 @@ def write_records(tmp_path):
     replies = {"Which colour": "(B) blue",           # option letter B: 1
                "Which one": "B",                     # 0
                "Where is it": "red circle on the left",  # LCS "red circle left" 3 of 5 and 5: F1 0.6
-               "How many cats": "Two cats",          # 1.0
+               "How many cats": "two cats",          # 1.0 (ROUGE-L is case-sensitive)
                "Is it red": "Yes."}                  # 1
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(recs))
