@@ -4,6 +4,7 @@
     python bench.py --model DIR --json out.json --only minterleave --dtypes bfloat16 --quick
     python bench.py attention [args]      # the attention-kernel benchmark, kernels/bench_attention.py
     python bench.py finetune [args]       # one LoRA (and full) training step, minterleave vs transformers + PEFT
+    python bench.py serve [args]          # serve.py's throughput at 1/4/8 clients, batched vs one at a time; chat TTFT
 
 Without --model, the llava-interleave-qwen-0.5b-hf configuration with random N(0, 0.02) weights is
 written once to cache/bench-0.5b (bf16, llava-hf layout, like the hub). Each implementation runs
@@ -450,6 +451,151 @@ def finetune_main(argv):
     return 0
 
 
+def start_server(path, dtype, max_batch, threads, log):
+    """serve.py in its own process on a free port; (process, port) once it listens."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model", path, "--dtype", dtype,
+                                 "--port", "0", "--max-batch", str(max_batch), "--threads", str(threads)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    while True:
+        text = open(log).read()
+        if "serving" in text:
+            return proc, int(text.split("http://127.0.0.1:")[1].split("/")[0])
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py did not start: {text.strip().splitlines()[-1] if text.strip() else '?'}")
+        time.sleep(0.2)
+
+
+def post(port, body):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    data = json.loads(r.read())
+    if r.status != 200:
+        raise RuntimeError(f"serve.py answered {r.status}: {data['error']['message']}")
+    return data
+
+
+def load_test(port, bodies, clients):
+    """Send `bodies` from `clients` threads, each taking the next body when its answer is in:
+    (seconds for all, completion tokens in all)."""
+    import threading
+    todo, lock, tokens, errors = list(bodies), threading.Lock(), [], []
+
+    def client():
+        while True:
+            with lock:
+                if not todo or errors:
+                    return
+                body = todo.pop(0)
+            try:
+                tokens.append(post(port, body)["usage"]["completion_tokens"])
+            except Exception as e:  # noqa: BLE001 (said below, once)
+                errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0, sum(tokens)
+
+
+def chat_ttft(path, dtype, image, rounds):
+    """A two-turn chat with an image: the follow-up's time to first token with the kept cache vs re-prefilling the
+    whole conversation (medians over rounds); and the tokens each prefills."""
+    import minterleave as mi
+    from minterleave.chat import ChatSession
+    model = mi.Model.from_pretrained(path, dtype=dtype).prepare_for_inference(path)
+    proc, kept, full = mi.Processor.from_pretrained(path), [], []
+    for r in range(rounds):
+        session = ChatSession(model, proc)
+        session.add_image(image)
+        session.ask("Describe the picture.", max_new_tokens=16)
+        follow = session.ask(f"What else is in it? ({r})", max_new_tokens=1)
+        kept.append(follow["ttft"])
+        full.append(session.ttft_compare()[0])
+    return dict(kept_s=statistics.median(kept), full_s=statistics.median(full), kept_tokens=follow["prefilled"],
+                full_tokens=session.prompt_end, speedup=statistics.median(full) / statistics.median(kept))
+
+
+def serve_main(argv):
+    """python bench.py serve: serve.py's throughput with and without batching, and the chat's follow-up TTFT."""
+    p = cli.ArgumentParser(prog="bench.py serve", description=(
+        "Throughput of serve.py (requests/s, completion tokens/s) with --requests requests sent by 1, 4 and 8 "
+        "concurrent clients, against two servers run side by side: batched (--max-batch 8) and one request at a "
+        "time (--max-batch 1, i.e. sequential); the batching gain is batched / sequential throughput at the same "
+        "concurrency. Each request: --images random images + a question, greedy, --max-tokens. Then a two-turn "
+        "chat's follow-up time to first token with the kept KV cache vs re-prefilling the conversation."))
+    p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="(default: %(default)s)")
+    p.add_argument("--clients", default="1,4,8", help="concurrent clients, in order (default: %(default)s)")
+    p.add_argument("--requests", type=cli.positive_int, default=16, help="requests per measurement (default: %(default)s)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=32, help="max_tokens per request (default: %(default)s)")
+    p.add_argument("--images", type=int, default=1, help="images per request (default: %(default)s)")
+    p.add_argument("--ttft-rounds", type=int, default=3, help="chat rounds for the TTFT medians, 0 = skip "
+                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per server (default: %(default)s, torch's)")
+    p.add_argument("--json", help="write the results to this file (default: print only)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    args = p.parse_args(argv)
+    import base64
+    import numpy as np
+    from PIL import Image
+    from minterleave import hub
+    path = hub.resolve(args.model) if args.model else DEFAULT_MODEL
+    if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
+        build_default_checkpoint(path)
+    clients = [int(c) for c in args.clients.split(",")]
+    info, results, t0 = machine(), {"throughput": {}}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "image.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8)).save(image)
+        if args.ttft_rounds:
+            say("chat: follow-up time to first token ...")
+            results["chat_ttft"] = r = chat_ttft(path, args.dtype, image, args.ttft_rounds)
+            say(f"chat follow-up TTFT: {r['kept_s'] * 1e3:.1f} ms prefilling {r['kept_tokens']} new tokens (cache kept) vs "
+                f"{r['full_s'] * 1e3:.1f} ms re-prefilling all {r['full_tokens']}: {r['speedup']:.1f}x")
+        url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+        bodies = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * args.images
+                   + [{"type": "text", "text": f"Question {i}: what is in the picture?"}]}],
+                   "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.requests)]
+        servers = {}
+        try:
+            for name, batch in (("batched", max(clients)), ("sequential", 1)):
+                servers[name] = start_server(path, args.dtype, batch, args.threads, os.path.join(tmp, f"{name}.log"))
+            for name, (_, port) in servers.items():
+                post(port, bodies[0])  # warm-up
+            for c in clients:  # the two servers in turn at each concurrency, so that other load falls on both
+                for name, (_, port) in servers.items():
+                    seconds, tokens = load_test(port, bodies, c)
+                    results["throughput"][f"{name} {c}"] = x = dict(
+                        seconds=seconds, tokens=tokens, requests_s=len(bodies) / seconds, tokens_s=tokens / seconds)
+                    say(f"{name:10s} {c} client(s): {x['requests_s']:.2f} requests/s, {x['tokens_s']:.1f} tokens/s")
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait()
+    lines = [f"\n{info['cpu']}, {info['cores']} cores; model {path} ({args.dtype}); {args.requests} requests of "
+             f"{args.images} image(s) + a question, max_tokens {args.max_tokens}; {time.perf_counter() - t0:.0f} s in all.",
+             "", "| clients | batched requests/s | tokens/s | sequential requests/s | tokens/s | batching gain |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for c in clients:
+        b, s = results["throughput"][f"batched {c}"], results["throughput"][f"sequential {c}"]
+        results["throughput"][f"gain {c}"] = gain = b["requests_s"] / s["requests_s"]
+        lines.append(f"| {c} | {b['requests_s']:.2f} | {b['tokens_s']:.1f} | {s['requests_s']:.2f} | "
+                     f"{s['tokens_s']:.1f} | {gain:.2f}x |")
+    say("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "model": path, "args": vars(args), "results": results}, f, indent=2)
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["attention"]:
@@ -461,6 +607,8 @@ def main(argv=None):
         return finetune_main(argv[1:])
     if argv[:1] == ["_finetune_worker"]:
         return finetune_worker(*argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
     p.add_argument("--dtypes", default="bfloat16,float32", help="dtypes to run, in order (default: %(default)s)")
