@@ -178,6 +178,8 @@ class App:
         if parsed.scheme not in ("", "file"):
             raise APIError(400, f"{at}: {parsed.scheme} URLs are refused: this server never fetches from the network; "
                                 "send the file inline as a base64 data URL", param=at)
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise APIError(400, f"{at}: a file URL names a local absolute path: file:///path", param=at)
         if self.media_root is None:
             raise APIError(400, f"{at}: local paths are refused: the server was started without --media-root", param=at)
         path = unquote(parsed.path) if parsed.scheme == "file" else url

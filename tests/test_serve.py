@@ -193,7 +193,8 @@ ERRORS = [  # (name, request, status, code, words in the message)
     ("not_base64", part("image_url", "data:image/png;base64,@@@"), 400, None, "not valid base64"),
     ("remote_url", part("image_url", "https://example.com/cat.png"), 400, None, "never fetches"),
     ("dot_dot", part("image_url", "../secret.png"), 400, None, "outside --media-root"),
-    ("symlink_escape", part("image_url", "file://escape.png"), 400, None, "outside --media-root"),
+    ("symlink_escape", part("image_url", "escape.png"), 400, None, "outside --media-root"),
+    ("file_url_with_a_host", part("image_url", "file://host/0.png"), 400, None, "file:///path"),
     ("missing_file", part("video_url", "nope.mp4"), 400, None, "no such file under --media-root"),
     ("unsupported_part", [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], 400, None,
      "unsupported content part"),
@@ -236,10 +237,20 @@ def test_errors_are_openai_json_and_the_server_keeps_answering(server, media, na
     assert raw(server, json.dumps({"messages": HELLO, "max_tokens": 2}).encode())[0] == 200
 
 
-def test_local_paths_inside_the_media_root(client, media):
-    r = answer(client, part("image_url", "0.png"), max_tokens=4)
-    assert r.choices[0].message.content == answer(client, part("image_url", data_url(media[1][0])),
-                                                  max_tokens=4).choices[0].message.content
+def test_local_paths_inside_the_media_root_and_videos(client, media):
+    expected = answer(client, part("image_url", data_url(media[1][0])), max_tokens=4).choices[0].message.content
+    for url in ("0.png", f"file://{media[0]}/0.png", f"{media[0]}/0.png"):
+        assert answer(client, part("image_url", url), max_tokens=4).choices[0].message.content == expected
+    from minterleave.tasks.render import save_video
+    from minterleave import tasks
+    clip = os.path.join(media[0], "clip.mp4")
+    save_video(tasks.make_sample("video", 4242, image_size=96, placement="front").images, clip)
+    with open(clip, "rb") as f:
+        inline = "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
+    by_path, by_data = (answer(client, part("video_url", url), max_tokens=8) for url in ("clip.mp4", inline))
+    assert by_path.choices[0].message.content == by_data.choices[0].message.content
+    # the checkpoint's 4 frames of 9 tokens each, then the text
+    assert by_path.usage.prompt_tokens == by_data.usage.prompt_tokens > 4 * 9
 
 
 # ------------------------------------------------------------------------------------- the engine in process
