@@ -4,6 +4,7 @@
     python bench.py --model DIR --json out.json --only minterleave --dtypes bfloat16 --quick
     python bench.py attention [args]      # the attention-kernel benchmark, kernels/bench_attention.py
     python bench.py finetune [args]       # one LoRA (and full) training step, minterleave vs transformers + PEFT
+    python bench.py decode [args]         # CPU decoding: bf16/int8/int4 vs transformers (and llama.cpp), bench_decode.py
     python bench.py serve [args]          # serve.py's throughput at 1/4/8 clients, batched vs one at a time; chat TTFT
 
 Without --model, the llava-interleave-qwen-0.5b-hf configuration with random N(0, 0.02) weights is
@@ -451,6 +452,27 @@ def finetune_main(argv):
     return 0
 
 
+
+def serving_checkpoint(path):
+    """A folder serve.py can load: `path` itself if it has a tokenizer, else `path`-serve beside it, whose weights
+    link to `path`'s and whose tokenizer is the small one of minterleave/tokenizer.py (its <image> id put into
+    config.json; the random 0.5B model's answers are noise anyway, only their cost is measured)."""
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return path
+    from minterleave.config import read_json
+    from minterleave.tokenizer import write_tokenizer_files
+    serve = os.path.normpath(path) + "-serve"
+    if not os.path.isfile(os.path.join(serve, "config.json")):
+        cfg = read_json(os.path.join(path, "config.json"))
+        ids = write_tokenizer_files(serve, image_size=cfg["vision_config"]["image_size"],
+                                    patch_size=cfg["vision_config"]["patch_size"])
+        for name in os.listdir(path):
+            if name.endswith((".safetensors", ".safetensors.index.json")):
+                os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(serve, name))
+        with open(os.path.join(serve, "config.json"), "w") as f:
+            json.dump({**cfg, "image_token_index": ids["image_token_id"]}, f, indent=2)
+    return serve
+
 def start_server(path, dtype, max_batch, threads, log):
     """serve.py in its own process on a free port; (process, port) once it listens."""
     with open(log, "w") as out:
@@ -466,10 +488,11 @@ def start_server(path, dtype, max_batch, threads, log):
         time.sleep(0.2)
 
 
-def post(port, body):
+def post(port, body, key=None):
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
     r = conn.getresponse()
     data = json.loads(r.read())
     if r.status != 200:
@@ -477,7 +500,7 @@ def post(port, body):
     return data
 
 
-def load_test(port, bodies, clients):
+def load_test(port, bodies, clients, key=None):
     """Send `bodies` from `clients` threads, each taking the next body when its answer is in:
     (seconds for all, completion tokens in all)."""
     import threading
@@ -490,7 +513,7 @@ def load_test(port, bodies, clients):
                     return
                 body = todo.pop(0)
             try:
-                tokens.append(post(port, body)["usage"]["completion_tokens"])
+                tokens.append(post(port, body, key)["usage"]["completion_tokens"])
             except Exception as e:  # noqa: BLE001 (said below, once)
                 errors.append(e)
 
@@ -550,6 +573,7 @@ def serve_main(argv):
     path = hub.resolve(args.model) if args.model else DEFAULT_MODEL
     if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
         build_default_checkpoint(path)
+    path = serving_checkpoint(path)
     clients = [int(c) for c in args.clients.split(",")]
     info, results, t0 = machine(), {"throughput": {}}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -605,6 +629,9 @@ def main(argv=None):
         return worker(*argv[1:])
     if argv[:1] == ["finetune"]:
         return finetune_main(argv[1:])
+    if argv[:1] == ["decode"]:  # minterleave bf16/int8/int4 vs transformers (vs llama.cpp), minterleave/bench_decode.py
+        from minterleave.bench_decode import main as bench_decode
+        return bench_decode(argv[1:])
     if argv[:1] == ["_finetune_worker"]:
         return finetune_worker(*argv[1:])
     if argv[:1] == ["serve"]:

@@ -286,3 +286,34 @@ def test_rows_joining_and_leaving_a_running_batch_get_what_they_get_alone(tiny, 
                                temperature=kw.get("temperature", 0.0), seed=kw.get("seed"),
                                eos_token_id=proc.eos_token_ids)
         assert job.out == alone[0].tolist()
+
+
+def test_local_paths_without_a_media_root_are_refused(tiny, media):
+    from minterleave.server import App, APIError
+    app = App(*tiny, "tiny")  # no --media-root: only data: URLs
+    for url in ("0.png", media[1][0], f"file://{media[1][0]}"):
+        with pytest.raises(APIError, match="local paths are refused") as e:
+            app.job({"messages": part("image_url", url)})
+        assert e.value.status == 400
+    job, stream, usage = app.job({"messages": part("image_url", data_url(media[1][0])), "stream": True})
+    assert job.pixels.shape[0] == 1 and stream and not usage
+
+
+def test_bench_serve_load_test_counts_what_the_server_answered(server):
+    import bench
+    bodies = [{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": n} for n in (3, 5, 7, 2)]
+    seconds, tokens = bench.load_test(server, bodies, 3, key=KEY)
+    assert seconds > 0 and tokens == 3 + 5 + 7 + 2  # the tiny model says "green" until max_tokens
+    with pytest.raises(RuntimeError, match="serve.py answered 401: invalid API key"):
+        bench.load_test(server, bodies[:1], 1)
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    import bench
+    assert bench.main(["serve", "--model", BUNDLED, "--dtype", "float32", "--clients", "1,2", "--requests", "2",
+                       "--max-tokens", "4", "--ttft-rounds", "1", "--json", str(tmp_path / "serve.json")]) == 0
+    results = json.loads((tmp_path / "serve.json").read_text())["results"]
+    assert set(results["throughput"]) == {f"{k} {c}" for k in ("batched", "sequential", "gain") for c in (1, 2)}
+    assert results["chat_ttft"]["kept_tokens"] < results["chat_ttft"]["full_tokens"]
+    assert "| 2 |" in capsys.readouterr().out
