@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -172,3 +173,32 @@ def test_bench_finetune_on_tiny_checkpoint(tmp_path):
     assert lora["minterleave"]["trainable_params"] == lora["transformers"]["trainable_params"] \
         == t["num_hidden_layers"] * per_layer
     assert lora["minterleave"]["trainable_params"] < res["results"]["full"]["minterleave"]["trainable_params"]
+
+
+def test_bench_decode_quick_on_tiny_checkpoint(tmp_path, capsys):
+    """bench.py decode: every worker's numbers, the bandwidth arithmetic and the ratios are consistent."""
+    path = save_checkpoint(hf_model(seed=3, inter=128), str(tmp_path / "ckpt"))  # int4 groups need K % 32 == 0
+    from minterleave import bench_decode
+    out = tmp_path / "decode.json"
+    assert bench_decode.main(["--model", path, "--quick", "--modes", "bf16,int4", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    r, bw = res["results"], res["bandwidth"]
+    assert set(r) == {"minterleave bf16", "minterleave int4", "transformers bf16"}
+    assert bw["read_gbs"] == max(bw["sum_gbs"], bw["copy_gbs"]) and positive(bw["read_gbs"])
+    bf16 = decoder_bytes_per_token(path, "bfloat16")
+    assert r["minterleave bf16"]["bytes_per_token"] == r["transformers bf16"]["bytes_per_token"] == bf16
+    assert r["minterleave int4"]["bytes_per_token"] < 0.5 * bf16  # 4 bits + a bf16 scale and zero per 32 weights
+    for name, x in r.items():
+        assert all(positive(x[k]) for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb", "load_s")), name
+        assert math.isclose(x["decode_gbs"], x["bytes_per_token"] * x["decode_tok_s"] / 1e9)
+        assert math.isclose(x["bw_frac"], x["decode_gbs"] / bw["read_gbs"])
+        row = next(line for line in stdout.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {x['decode_tok_s']:.1f} | {x['prefill_tok_s']:.0f} | {x['peak_rss_gb']:.2f} |" in row
+    tf = r["transformers bf16"]
+    for mode in ("bf16", "int4"):
+        ratios = r[f"minterleave {mode}"]["vs_transformers_bf16"]
+        for k, v in ratios.items():
+            assert math.isclose(v, r[f"minterleave {mode}"][k] / tf[k]), (mode, k)
+    with pytest.raises(FileNotFoundError, match=r"none.gguf: no such GGUF file \(--gguf q4_0\)"):
+        bench_decode.main(["--model", path, "--gguf", f"q4_0={tmp_path / 'none.gguf'}"])

@@ -1,0 +1,275 @@
+"""`python bench.py decode`: CPU decoding side by side: minterleave (bf16, int8, int4), transformers (bf16) and,
+when llama-cpp-python is installed and GGUF files are given, llama.cpp at the same bits.
+
+Every implementation and mode runs in its own worker process (its peak RSS is its own), all on the same
+text prompt (--context tokens, 758 by default: what one 729-token image plus a question fills) and the same
+threads; each round runs every worker once in turn (A B C A B C ...), so other work on the machine falls
+on all alike; numbers are medians over rounds. Per run: prefill tok/s (prompt tokens / time to the first
+token), decode tok/s ((last stamp - first stamp) / (N - 1) over N greedy tokens), peak RSS (VmHWM).
+Achieved bandwidth = bytes read per decoded token x decode tok/s, where the bytes are every tensor a decode
+step reads (decoder layers, final norm, output head; as stored: packed, int8 + scales, int4 + scales/zeros;
+for llama.cpp the GGUF file's size), next to the machine's read bandwidth measured in the same run
+(STREAM-like: the faster of a sum over a 1 GB fp32 tensor and a copy of it, counting bytes read and written).
+GGUF files (see README "Speed and memory"): --gguf bf16=F.gguf,q8_0=G.gguf,q4_0=H.gguf.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import cli
+
+TF_MODES = ("bf16",)  # transformers runs its bf16 model (it has no weight-only int8/int4 CPU kernels of its own)
+MI_MODES = ("bf16", "int8", "int4")
+SAME_BITS = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # minterleave mode -> llama.cpp type
+
+
+def hwm_gb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 2**20
+
+
+def stream_bandwidth(gb=1.0, repeats=5):
+    """GB/s of sum(x) (reads) and of y.copy_(x) (reads + writes) over a `gb` fp32 tensor; the faster one."""
+    import torch
+    x = torch.ones(int(gb * 1e9) // 4)
+    y = torch.empty_like(x)
+    res = {}
+    for name, fn, nbytes in (("sum", lambda: x.sum(), x.nbytes), ("copy", lambda: y.copy_(x), 2 * x.nbytes)):
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up (page faults)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        res[f"{name}_gbs"] = nbytes / min(times[1:]) / 1e9
+    res["read_gbs"] = max(res["sum_gbs"], res["copy_gbs"])
+    return res
+
+
+def decode_bytes(decoder):
+    """Bytes of every tensor a decode step reads: the layers, the final norm and the output head."""
+    mods = [decoder.layers, decoder.norm, decoder.lm_head if decoder.lm_head is not None else decoder.embed_tokens]
+    seen = {}
+    for m in mods:
+        for t in list(m.parameters()) + list(m.buffers()):
+            seen[id(t)] = t.numel() * t.element_size()  # (packed oneDNN tensors have no data_ptr)
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------- the worker subprocess
+def worker(spec):
+    spec = json.loads(spec)
+    out = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything the libraries print goes to stderr
+    os.dup2(2, 1)
+    import torch
+    torch.set_num_threads(spec["threads"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec["vocab"], (1, spec["context"]), generator=g)
+    ids[ids == spec["image_token"]] = 0
+    impl, mode, n = spec["impl"], spec["mode"], spec["new"]
+    t0 = time.perf_counter()
+    if impl == "llama.cpp":
+        from llama_cpp import Llama
+        llm = Llama(model_path=spec["gguf"], n_ctx=spec["context"] + n + 8, n_threads=spec["threads"],
+                    n_threads_batch=spec["threads"], n_batch=spec["context"], verbose=False)
+        nbytes = os.path.getsize(spec["gguf"])
+
+        def run():
+            llm.reset()
+            stamps, toks = [], []
+            for tok in llm.generate(ids[0].tolist(), top_k=1, temp=0.0, reset=True):
+                stamps.append(time.perf_counter())
+                toks.append(tok)
+                if len(toks) == n:
+                    break
+            return stamps, toks
+    else:
+        if impl == "minterleave":
+            import minterleave as mi
+            quant = None if mode == "bf16" else mode
+            model = mi.Model.from_pretrained(spec["path"], dtype=torch.bfloat16, quantize=quant,
+                                             group_size=spec["group_size"] if mode == "int4" else None)
+            model.prepare_for_inference(spec["path"])  # packed bf16 matrices (the quantized ones stay as they are)
+            nbytes = decode_bytes(model.decoder)
+        else:
+            from transformers import LlavaForConditionalGeneration
+            model = LlavaForConditionalGeneration.from_pretrained(spec["path"], dtype=torch.bfloat16).eval()
+            nbytes = spec["bf16_bytes"]
+
+        class Clock:  # a transformers streamer: the first put is the prompt
+            def __init__(self):
+                self.stamps = []
+
+            def put(self, tokens):
+                self.stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        def run():
+            clock = Clock()
+            with torch.no_grad():
+                if impl == "minterleave":
+                    new = model.generate(ids, max_new_tokens=n, stream=clock.put, eos_token_id=[])
+                else:
+                    new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=n, min_new_tokens=n, pad_token_id=0, streamer=clock)
+                    new, clock.stamps = new[:, ids.shape[1]:], clock.stamps[1:]
+            return clock.stamps, new[0].tolist()
+    load_s = time.perf_counter() - t0
+    run_ids = ids
+
+    def reply(**r):
+        out.write(json.dumps({**r, "rss_gb": hwm_gb()}) + "\n")
+        out.flush()
+
+    reply(load_s=load_s, bytes_per_token=nbytes)
+    while (req := json.loads(sys.stdin.readline() or '{"op": "exit"}'))["op"] != "exit":
+        t0 = time.perf_counter()
+        stamps, toks = run()
+        reply(prefill_tok_s=run_ids.shape[1] / (stamps[0] - t0), decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]),
+              tokens=toks)
+    return 0
+
+
+class Worker:
+    def __init__(self, spec):
+        self.name, self.log = f"{spec['impl']} {spec['mode']}", tempfile.TemporaryFile(mode="w+")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.p = subprocess.Popen([sys.executable, "-m", "minterleave.bench_decode", json.dumps(spec)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=root)
+        self.loaded = self.call(None)
+
+    def call(self, op="run"):
+        if op is not None:
+            self.p.stdin.write(json.dumps({"op": op}) + "\n")
+            self.p.stdin.flush()
+        if op == "exit":
+            return self.p.wait()
+        line = self.p.stdout.readline()
+        if not line:
+            self.p.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"the {self.name} worker died:\n{self.log.read()[-4000:]}")
+        return json.loads(line)
+
+
+# ---------------------------------------------------------------- the parent
+def main(argv):
+    p = cli.ArgumentParser(prog="bench.py decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the random 0.5B one of bench.py)")
+    p.add_argument("--modes", default="bf16,int8,int4", help="minterleave modes, in order (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128), help="int4 group (default: %(default)s)")
+    p.add_argument("--context", type=cli.positive_int, default=758, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to decode (default: %(default)s)")
+    p.add_argument("--rounds", type=cli.positive_int, default=3, help="alternating rounds (default: %(default)s)")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="threads of every worker (default: %(default)s)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers bf16")
+    p.add_argument("--gguf", default=None, help="llama.cpp models as TYPE=FILE,... with TYPE bf16, q8_0 or q4_0 "
+                   "(needs llama-cpp-python; default: none)")
+    p.add_argument("--quick", action="store_true", help="1 round, 64-token context, 4 new tokens, 0.25 GB probe (tests)")
+    p.add_argument("--json", help="write the results to this file (default: print only)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.context, args.new_tokens = 1, 64, 4
+    if args.new_tokens < 2:
+        p.error("argument --new-tokens: expected at least 2 (decode speed needs two stamps)")
+    modes = args.modes.split(",")
+    if set(modes) - set(MI_MODES):
+        p.error(f"argument --modes: expected some of {','.join(MI_MODES)}, got {args.modes!r}")
+    gguf = dict(kv.split("=", 1) for kv in args.gguf.split(",")) if args.gguf else {}
+    for kind, file in gguf.items():
+        if kind not in SAME_BITS.values():
+            p.error(f"argument --gguf: type {kind!r} is not one of {', '.join(SAME_BITS.values())}")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no such GGUF file (--gguf {kind})")
+    if gguf:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise ValueError("--gguf needs llama-cpp-python (pip install llama-cpp-python)") from None
+
+    import torch
+    from . import hub
+    from .config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = hub.resolve(args.model) if args.model else os.path.join(root, "cache", "bench-0.5b")
+    if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
+        sys.path.insert(0, root)
+        from bench import build_default_checkpoint  # bench.py's random 0.5B checkpoint, written once
+        build_default_checkpoint(path)
+    cfg = load_config(path)
+    t = cfg.text
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    bf16_bytes = 2 * (t.num_layers * (t.hidden_size * (q + 2 * kv) + q + 2 * kv + q * t.hidden_size
+                                      + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+                      + t.hidden_size + t.vocab_size * t.hidden_size)
+    base = dict(path=path, vocab=t.vocab_size, image_token=cfg.image_token_id, context=args.context,
+                new=args.new_tokens, threads=args.threads, group_size=args.group_size, bf16_bytes=bf16_bytes)
+    runs = [("minterleave", m) for m in modes]
+    runs += [] if args.no_transformers else [("transformers", "bf16")]
+    runs += [("llama.cpp", kind) for kind in gguf]
+    cli_line = "python bench.py decode " + " ".join(argv)
+    print(f"{cli_line}\nmodel {path}; {args.context}-token prompt, {args.new_tokens} greedy tokens, "
+          f"{args.threads} threads, {args.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f}", flush=True)
+    bw = stream_bandwidth(0.25 if args.quick else 1.0)
+    print(f"read bandwidth {bw['read_gbs']:.1f} GB/s (sum {bw['sum_gbs']:.1f}, copy {bw['copy_gbs']:.1f})", flush=True)
+    workers, samples = {}, {}
+    for impl, mode in runs:
+        w = workers[(impl, mode)] = Worker({**base, "impl": impl, "mode": mode, "gguf": gguf.get(mode)})
+        samples[(impl, mode)] = {"load_s": w.loaded["load_s"], "bytes_per_token": w.loaded["bytes_per_token"],
+                                 "prefill_tok_s": [], "decode_tok_s": []}
+        print(f"{impl} {mode}: loaded in {w.loaded['load_s']:.2f} s", flush=True)
+    for key in workers:  # warm-up (first-call allocations, oneDNN primitive creation)
+        workers[key].call()
+    tokens = {}
+    for r in range(args.rounds):
+        for key, w in workers.items():
+            x = w.call()
+            s = samples[key]
+            s["prefill_tok_s"].append(x["prefill_tok_s"])
+            s["decode_tok_s"].append(x["decode_tok_s"])
+            s["peak_rss_gb"], tokens[key] = x["rss_gb"], x["tokens"]
+            print(f"round {r + 1} {key[0]:12s} {key[1]:5s} prefill {x['prefill_tok_s']:7.1f} tok/s, decode "
+                  f"{x['decode_tok_s']:6.2f} tok/s, VmHWM {x['rss_gb']:.2f} GB", flush=True)
+    for w in workers.values():
+        w.call("exit")
+    results = {}
+    for (impl, mode), s in samples.items():
+        res = {k: statistics.median(v) if isinstance(v, list) else v for k, v in s.items()}
+        res["decode_gbs"] = res["bytes_per_token"] * res["decode_tok_s"] / 1e9
+        res["bw_frac"] = res["decode_gbs"] / bw["read_gbs"]
+        results[f"{impl} {mode}"] = res
+    tf = results.get("transformers bf16")
+    for (impl, mode), res in list((k, results[f"{k[0]} {k[1]}"]) for k in samples):
+        if impl != "minterleave":
+            continue
+        if tf:
+            res["vs_transformers_bf16"] = {k: res[k] / tf[k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb")}
+            res["same_tokens_as_transformers"] = tokens[(impl, mode)] == tokens[("transformers", "bf16")]
+        ll = results.get(f"llama.cpp {SAME_BITS[mode]}")
+        if ll:
+            res["vs_llama_cpp_same_bits"] = {k: res[k] / ll[k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb")}
+    lines = ["", f"| {args.context}-token prompt, {args.threads} threads | decode tok/s | prefill tok/s | peak RSS GB "
+             f"| MB read/token | GB/s | of {bw['read_gbs']:.1f} GB/s | decode, prefill, RSS vs transformers bf16 "
+             f"| vs llama.cpp, same bits |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, res in results.items():
+        ratio = lambda key: " / ".join(f"{v:.2f}x" for v in res[key].values()) if key in res else "-"  # noqa: E731
+        lines.append(f"| {name} | {res['decode_tok_s']:.1f} | {res['prefill_tok_s']:.0f} | {res['peak_rss_gb']:.2f} | "
+                     f"{res['bytes_per_token'] / 1e6:.0f} | {res['decode_gbs']:.1f} | {res['bw_frac']:.0%} | "
+                     f"{ratio('vs_transformers_bf16')} | {ratio('vs_llama_cpp_same_bits')} |")
+    print("\n".join(lines) + f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": cli_line, "bandwidth": bw, "model": path, "args": vars(args), "results": results,
+                       "torch": torch.__version__, "cores": os.cpu_count()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1]))
