@@ -71,17 +71,22 @@ class Batcher:
         rows, cache, mask = [], None, None  # the running batch: jobs, KVCache, (B, L) 0/1 padding mask
         while True:
             new = self._take(block=not rows, room=self.max_batch - len(rows))
-            try:
-                with torch.no_grad():  # grad mode is per thread
-                    if new:
-                        rows, cache, mask = self._admit(new, rows, cache, mask)
-                    if rows:
-                        rows, cache, mask = self._step(rows, cache, mask)
-            except Exception as e:  # a bug must not stop the server: these requests fail, the next ones run
-                for job in rows + new:
-                    if job.finish is None:
-                        job.events.put(("error", e))
-                rows, cache, mask = [], None, None
+            with torch.no_grad():  # grad mode is per thread
+                if new:  # a failure here (a bug) fails the new requests only; the running ones go on
+                    rows, cache, mask = self._guard(new, self._admit, new, rows, cache, mask) or (rows, cache, mask)
+                if rows:
+                    rows, cache, mask = self._guard(rows, self._step, rows, cache, mask) or ([], None, None)
+
+    @staticmethod
+    def _guard(jobs, fn, *args):
+        """fn(*args), or None after telling each unfinished job of the exception: the server keeps serving."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 (sent to the jobs' clients as a 500)
+            for job in jobs:
+                if job.finish is None:
+                    job.finish = "error"
+                    job.events.put(("error", e))
 
     def _admit(self, new, rows, cache, mask):
         """Prefill the new prompts as one left-padded batch and merge them into the running one."""

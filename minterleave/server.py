@@ -251,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
             job, stream, usage = app.job(body)
         except APIError as e:
             return self._error(e)
+        except Exception as e:  # noqa: BLE001 (a bug: said as a 500, and the server goes on)
+            return self._error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
         app.batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": app.name}
         count = lambda n: {"prompt_tokens": len(job.ids), "completion_tokens": n,  # noqa: E731

@@ -317,3 +317,16 @@ def test_bench_serve_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert set(results["throughput"]) == {f"{k} {c}" for k in ("batched", "sequential", "gain") for c in (1, 2)}
     assert results["chat_ttft"]["kept_tokens"] < results["chat_ttft"]["full_tokens"]
     assert "| 2 |" in capsys.readouterr().out
+
+
+def test_a_failing_request_fails_alone_and_the_running_batch_goes_on(tiny, media):
+    model, proc = tiny
+    batcher = Batcher(model, proc.eos_token_ids, proc.decode)
+    ids = proc(proc.apply_chat_template([{"role": "user", "content": "Hello"}]))["input_ids"][0].tolist()
+    running = batcher.submit(Job(ids, max_new=20))
+    while len(running.out) < 3:
+        time.sleep(0.01)
+    broken = batcher.submit(Job(ids[:-1] + [model.cfg.image_token_id], max_new=5))  # an image token, no pixels
+    assert list(broken.stream())[-1][0] == "error"
+    assert list(running.stream())[-1] == ("done", "length", 20)
+    assert running.out == model.generate(torch.tensor([ids]), max_new_tokens=20)[0].tolist()
