@@ -125,7 +125,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (B*T, in)
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # (B*T, in); the kernel reads rows densely (h[:, -1:] of a batch is not)
         y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features]
