@@ -239,7 +239,7 @@ class Progress:
         self.last = now
         rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta = "-" if left == float("inf") else time.strftime("%H:%M:%S", time.gmtime(left))
+        eta = "-" if left == float("inf") else f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
         msg = f"{self.label}: {self.done}/{self.total} samples, {rate:.2f} samples/s, ETA {eta}"
         self.stream.write(("\r" + msg + ("\n" if final else "")) if self.tty else msg + "\n")
         self.stream.flush()

@@ -230,6 +230,31 @@ def test_reads_the_three_configurations(bench):
     assert ib.find_splits(bench, "out_of_domain") == {"out_of_domain": sources["out_of_domain"]}
 
 
+def test_reads_the_json_release(tmp_path, proc):
+    """The original release: multi_image_in_domain.json & co. with image paths relative to the JSON's folder."""
+    os.makedirs(tmp_path / "Split1")
+    for name, img in (("a.png", RED), ("b.png", BLUE)):
+        (tmp_path / "Split1" / name).write_bytes(img["bytes"])
+    recs = [{"sample_id": 3, "image": ["Split1/a.png", "Split1/b.png"],
+             "conversations": [{"from": "human", "value": "Which is red?\nA. first\nB. second"},
+                               {"from": "gpt", "value": "A"}],
+             "metadata": {"dataset": "MIT-States_StateCoherence", "question_type": "multi-choice"}},
+            {"sample_id": 4, "image": ["Split1/b.png"],
+             "conversations": [{"from": "human", "value": "<image>What colour?"}, {"from": "gpt", "value": "blue"}],
+             "metadata": {"dataset": "Made-Up", "question_type": "open-ended"}}]
+    (tmp_path / "multi_image_in_domain.json").write_text(json.dumps(recs))
+    sources = ib.find_splits(str(tmp_path))
+    assert sources == {"in_domain": ("json", str(tmp_path / "multi_image_in_domain.json"))}
+    assert ib.find_splits(str(tmp_path / "multi_image_in_domain.json")) == sources
+    got = list(ib.samples("in_domain", sources["in_domain"]))
+    assert [(s["sample_id"], s["sub_task"], s["answer"]) for s in got] == [
+        (3, "MIT-States_StateCoherence", "A"), (4, "Made-Up", "blue")]
+    assert [im.getpixel((0, 0)) for im in ib.images_for(proc, got[0], "resize")] == [(220, 30, 30), (30, 30, 220)]
+    assert ib.prompt(proc, got[1], 1).count("<image>") == 1
+    with pytest.raises(ValueError, match="name the split with --split"):
+        ib.find_splits(str(tmp_path / "Split1" / "a.png"))
+
+
 def test_prompts_follow_lmms_eval(bench, proc):
     src = ib.find_splits(bench, "in_domain")["in_domain"]
     s = list(ib.samples("in_domain", src))
