@@ -604,7 +604,9 @@ def serve_main(argv):
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait()
-    lines = [f"\n{info['cpu']}, {info['cores']} cores; model {path} ({args.dtype}); {args.requests} requests of "
+    info["loadavg_at_end"] = os.getloadavg()
+    lines = [f"\n{info['cpu']}, {info['cores']} cores (load average {info['loadavg_at_start'][0]:.1f} at the start, "
+             f"{info['loadavg_at_end'][0]:.1f} at the end); model {path} ({args.dtype}); {args.requests} requests of "
              f"{args.images} image(s) + a question, max_tokens {args.max_tokens}; {time.perf_counter() - t0:.0f} s in all.",
              "", "| clients | batched requests/s | tokens/s | sequential requests/s | tokens/s | batching gain |",
              "|---:|---:|---:|---:|---:|---:|"]

@@ -162,6 +162,22 @@ def test_eight_concurrent_clients_get_what_they_get_alone(server, client, media)
     assert after["requests"] - before["requests"] == 8 and after["max_rows"] >= 2  # they were batched
 
 
+def test_a_client_leaving_mid_stream_frees_its_row(server):
+    before = health(server)["steps"]
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                 body=json.dumps({"messages": HELLO, "max_tokens": 1500, "stream": True}))
+    r = conn.getresponse()
+    assert r.fp.readline().startswith(b"data: {")
+    r.close()
+    conn.close()
+    time.sleep(1.0)
+    steps = health(server)["steps"]
+    assert steps - before < 1000  # the 1500-token answer stopped when its reader went away
+    time.sleep(0.5)
+    assert health(server)["steps"] == steps
+    assert raw(server, json.dumps({"messages": HELLO, "max_tokens": 2}).encode())[0] == 200
+
 def health(port):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/health")
