@@ -25,6 +25,7 @@ import contextlib
 import copy
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
                    help="official projection names to adapt (vision: q_proj,k_proj,v_proj,out_proj,fc1,fc2)")
-    p.add_argument("--lora-parts", default="decoder", help="where: decoder and/or vision")
+    p.add_argument("--lora-parts", default="decoder", help="where: decoder and/or vision; add projector to train it fully too")
     p.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16", "int8"),
                    help="with --lora-r: the frozen base's dtype (the adapter stays float32); int8: the base loaded "
                         "in bfloat16, its decoder then quantized to int8 weight-only (quantize.py; not with --merge)")
@@ -250,13 +251,16 @@ def train(args, out, assets, rank, world, device):
     master = rank == 0
     model, src = build_model(args, assets)
     cfg, proc = model.cfg, mi.Processor.from_pretrained(assets)
-    model.train().to(device).set_grad_checkpointing(args.grad_checkpoint)
+    model.train().set_grad_checkpointing(args.grad_checkpoint)
     for part in filter(None, args.freeze.split(",")):
         getattr(model, part).requires_grad_(False)
     fsdp = args.fsdp and world > 1
-    if fsdp:  # after loading (every process read the whole checkpoint) and before the optimizer sees the parameters
-        distributed.shard(model, bf16=args.dtype == "bfloat16")
+    if fsdp:  # every process read the whole checkpoint on the CPU; only its shards go to the device
+        distributed.shard(model, device, bf16=args.dtype == "bfloat16")
+    else:
+        model.to(device)
     opt = make_optimizer(model, args)
+    load_peak, resident = peak_rss_gib(reset=True), peak_rss_gib(field="VmRSS")  # then the log's "peak" is the steps' own
     start_step, offset = 0, 0
     if args.resume:
         state = checkpoint.load_state(src, model, opt)
@@ -271,7 +275,7 @@ def train(args, out, assets, rank, world, device):
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vision "
               f"{cfg.vision.num_layers}x{cfg.vision.hidden_size}, text {cfg.text.num_layers}x{cfg.text.hidden_size}, "
               f"vocab {cfg.text.vocab_size}, {cfg.tokens_per_image} tokens/image; {world} process(es){' (FSDP)' * fsdp}, global batch "
-              f"{G}; steps {start_step}->{args.max_steps}", flush=True)
+              f"{G}; steps {start_step}->{args.max_steps}; memory {resident:.2f} GiB (peak {load_peak:.2f} while loading)", flush=True)
     steps = streams.StepBatches(stream, offset, args.batch_size, args.grad_accum, rank, world, proc.pad_token_id,
                                 max(0, args.max_steps - start_step))
     loader = iter(torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=args.workers,
@@ -342,17 +346,33 @@ def save(out, model, opt, assets, state, master, fsdp):
         dist.barrier()
 
 
+def peak_rss_gib(reset=False, field="VmHWM"):
+    """This process's peak resident memory in GiB (rank 0's, in the log). reset: start counting again from now
+    (Linux: /proc/self/clear_refs), so the training steps' peak is not the loading's. field="VmRSS": the current."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux counts KiB
+    try:
+        with open("/proc/self/status") as f:  # VmHWM: the high-water mark, which clear_refs resets
+            peak = next(int(line.split()[1]) for line in f if line.startswith(field)) / 2**20
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    except (OSError, StopIteration, ValueError):
+        pass  # not Linux: the peak since the process started
+    return peak
+
+
 def log_step(out, done, loss, patch_loss, lr, tokens_seen, t0, start_step, args, offset):
     el = time.time() - t0
     tps, eta = tokens_seen / max(el, 1e-9), el / (done - start_step) * (args.max_steps - done)
+    peak = peak_rss_gib()
     rec = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(el, 1),
-           "samples": offset}
+           "samples": offset, "peak_rss_gib": round(peak, 3)}
     extra = ""
     if patch_loss is not None:
         rec["patch_loss"] = patch_loss
         extra = f"patch words {patch_loss:.3f} | "
-    print(f"step {done:6d} | loss {loss:.4f} | {extra}lr {lr:.2e} | {tps:7.0f} tok/s | elapsed {el / 60:5.1f} min | "
-          f"ETA {eta / 60:5.1f} min", flush=True)
+    print(f"step {done:6d} | loss {loss:.4f} | {extra}lr {lr:.2e} | {tps:7.0f} tok/s | peak {peak:5.2f} GiB | "
+          f"elapsed {el / 60:5.1f} min | ETA {eta / 60:5.1f} min", flush=True)
     checkpoint.append_log(out, rec)
 
 

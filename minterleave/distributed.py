@@ -5,10 +5,10 @@
 DDP keeps a whole copy of the model, its gradients and its AdamW moments on every process (16 bytes per fp32
 parameter). FSDP2 (`torch.distributed.fsdp.fully_shard`) keeps 1/world of each: every decoder and vision layer is
 its own unit whose weights are all-gathered just before its forward (and again in backward) and dropped right
-after, and whose gradients are reduce-scattered so each process updates only its shard; the rest of the model
-(embeddings, head, projector, norms) is the root unit, sharded last. The parameters become DTensors (a shard plus
-the layout); the model's code does not change. Mixed precision is FSDP's own: bf16 weights all-gathered and
-computed with, fp32 shards updated and gradients reduced in fp32.
+after, and whose gradients are reduce-scattered so each process updates only its shard. An untied head and the
+embeddings are units too; the rest (projector, norms, a tied embedding) is the root unit, sharded last. The
+parameters become DTensors (a shard plus the layout); the model's code does not change. Mixed precision is
+FSDP's own: bf16 weights all-gathered and computed with, fp32 shards updated and gradients reduced in fp32.
 
 Two rules follow from the collectives (every process must issue the same ones in the same order):
   * every process runs every unit in every micro-batch: a batch without images still runs the vision tower (on one
@@ -40,14 +40,23 @@ def setup(device=None):
     return rank, world, torch.device(device)
 
 
-def shard(model, bf16=False):
-    """FSDP2 in place: each vision and decoder layer a unit, then the root. bf16: weights all-gathered and used in
-    bfloat16, gradients reduced in float32 (the shards the optimizer updates stay in their own dtype)."""
+def shard(model, device, bf16=False):
+    """FSDP2 in place: each vision and decoder layer a unit, then the root; the shards on `device`. bf16: weights
+    all-gathered and used in bfloat16, gradients reduced in float32 (the optimizer's shards keep their dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in [*model.vision.layers, *model.decoder.layers]:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    units = [*model.vision.layers, *model.decoder.layers]
+    if model.decoder.lm_head is not None:  # untied (7B): the two 152k-row matrices are a fifth of the model; each
+        units += [model.decoder.embed_tokens, model.decoder.lm_head]  # gathered only while used, not all along
+    for unit in units:  # (a tied head is read as embed_tokens.weight outside that module's forward: root it stays)
+        fully_shard(unit, mp_policy=mp)
+    # A frozen tied embedding (LoRA on the 0.5B model: 36% of it) is kept whole on every process instead: gathering
+    # it would hold it twice over for the whole step (root units stay gathered from forward to backward).
+    embed = model.decoder.embed_tokens.weight
+    frozen = {embed} if model.decoder.lm_head is None and not embed.requires_grad else set()
+    fully_shard(model, mp_policy=mp, ignored_params=frozen)
+    for p in frozen:
+        p.data = p.data.to(device)
     model.always_run_vision = True
     return model
 

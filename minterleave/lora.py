@@ -22,7 +22,11 @@ peft/tuners/lora/config.py):
 where <module> is the module's path in transformers 5, model.language_model.layers.N.self_attn.q_proj or
 model.vision_tower.encoder.layers.N.mlp.fc1; files of the transformers 4 era (language_model.model.layers.N,
 vision_tower.vision_model.encoder.layers.N) load too. What an adapter config asks that this module does not do
-(DoRA, biases, modules_to_save, per-layer ranks, ...) is refused, naming the field.
+(DoRA, biases, per-layer ranks, ...) is refused, naming the field.
+
+The projector may also train fully beside the adapters (parts=(..., "projector"), as the paper's recipes train the
+connector): PEFT's `modules_to_save=["multi_modal_projector"]`, whose whole weights the adapter file carries as
+base_model.model.model.multi_modal_projector.linear_1.weight, .bias, linear_2... (the only module_to_save accepted).
 
     add_lora(model, r=16, alpha=32)   # base frozen; only lora_A / lora_B parameters train
     save_adapter(model, "adapter")    # loads with peft.PeftModel.from_pretrained(hf_model, "adapter")
@@ -47,6 +51,9 @@ PART_PREFIX = {"decoder": "model.language_model.layers.", "vision": "model.visio
 # the same layers under transformers 4 (the hub's llava-hf files and the adapters trained on them)
 LEGACY_PREFIX = {"decoder": "language_model.model.layers.", "vision": "vision_tower.vision_model.encoder.layers."}
 KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+PROJECTOR = "multi_modal_projector"  # PEFT's modules_to_save name of the projector (transformers 4 and 5 alike)
+PROJECTOR_KEYS = {f"{KEY_PREFIX}{prefix}{PROJECTOR}.{lin}.{wb}": f"projector.{lin}.{wb}"
+                  for prefix in ("model.", "") for lin in ("linear_1", "linear_2") for wb in ("weight", "bias")}
 # transformers modules an adapter could target that are not adapted here
 NOT_ADAPTED = ("lm_head", "model.language_model.embed_tokens", "model.multi_modal_projector.linear_1",
                "model.multi_modal_projector.linear_2", "model.vision_tower.embeddings.patch_embedding",
@@ -176,11 +183,16 @@ def add_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, parts=("deco
     `parts` ("decoder", "vision"); freeze everything else. Returns the model; its trainable parameters are
     the adapters' (names contain lora_A / lora_B). Decoder projections: q_proj, k_proj, v_proj, o_proj,
     gate_proj, up_proj, down_proj; vision: q_proj, k_proj, v_proj, out_proj, fc1, fc2.
-    Quantize a base (quantize_int8) before, not after, adding adapters."""
+    Quantize a base (quantize_int8) before, not after, adding adapters. "projector" in parts: the projector trains
+    too, fully (in float32; PEFT's modules_to_save), beside the adapters of the other parts."""
     targets, parts = (targets,) if isinstance(targets, str) else tuple(targets), tuple(parts)
+    projector = "projector" in parts
+    parts = tuple(p for p in parts if p != "projector")
+    if not parts:
+        raise ValueError("LoRA parts: the projector trains beside adapters; add decoder and/or vision")
     for p in parts:
         if p not in PART_TARGETS:
-            raise ValueError(f"LoRA part {p!r} is not supported; use {', '.join(PART_TARGETS)}")
+            raise ValueError(f"LoRA part {p!r} is not supported; use {', '.join(PART_TARGETS)} (and projector)")
     for t in targets:
         if not any(t in PART_TARGETS[p] for p in parts):
             raise ValueError(f"LoRA target {t!r} is not a projection of {' or '.join(parts)} (they are "
@@ -189,7 +201,15 @@ def add_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, parts=("deco
     attach(model, names, r, alpha, dropout, use_rslora)
     model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                              target_modules=targets_for(model, targets, parts, names))
+    if projector:
+        train_projector(model)
     return model
+
+
+def train_projector(model):
+    """Make the projector trainable, in float32 whatever the base's dtype (its AdamW updates need the precision)."""
+    model.projector.float().requires_grad_(True)
+    model.lora_config["modules_to_save"] = [PROJECTOR]
 
 
 def adapter_state_dict(model):
@@ -200,6 +220,9 @@ def adapter_state_dict(model):
         for target, name in layer.adapted.items():
             out[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[target].weight.detach()
             out[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[target].weight.detach()
+    if getattr(model, "lora_config", {}).get("modules_to_save"):
+        params = dict(model.named_parameters())
+        out.update({key: params[ours].detach() for key, ours in list(PROJECTOR_KEYS.items())[:4]})
     return out
 
 
@@ -214,7 +237,7 @@ def peft_config(model, base_model_name_or_path=None):
             "base_model_name_or_path": base_model_name_or_path or c.get("base_model_name_or_path"),
             "revision": None, "inference_mode": True, "r": c["r"], "lora_alpha": c["lora_alpha"],
             "lora_dropout": c["lora_dropout"], "use_rslora": c["use_rslora"], "target_modules": c["target_modules"],
-            "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+            "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": c.get("modules_to_save"),
             "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
             "alpha_pattern": {}}
 
@@ -239,7 +262,7 @@ def save_adapter(model, path, base_model_name_or_path=None):
 # adapter_config.json fields: read; ignored (how the adapter was made, or runtime settings of PEFT); every
 # other field, known or not, must be empty (None, False, "none", [] or {}) or the adapter is refused.
 READ = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-        "exclude_modules", "init_lora_weights", "base_model_name_or_path")
+        "exclude_modules", "init_lora_weights", "base_model_name_or_path", "modules_to_save")
 IGNORED = ("revision", "inference_mode", "auto_mapping", "peft_version", "loftq_config", "eva_config",
            "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size", "ensure_weight_tying",
            "runtime_config", "layers_pattern")
@@ -261,6 +284,8 @@ def check_config(c, file):
                                     "with save_pretrained(path_initial_model_for_weight_conversion=...))")
     if not isinstance(c.get("target_modules"), (str, list)):
         refuse("target_modules", " (a list of module names or a regex)")
+    if c.get("modules_to_save") not in (None, [], [PROJECTOR]):
+        refuse("modules_to_save", f" (only [\"{PROJECTOR}\"]: the projector, trained fully)")
     if isinstance(c["target_modules"], str) and c["target_modules"].lower() == "all-linear":
         refuse("target_modules", " (all-linear includes the projector; list the projections)")
     for field, value in c.items():
@@ -326,8 +351,11 @@ def load_adapter(model, path):
         raise ValueError(f"{cfg_file}: target_modules {json.dumps(c['target_modules'])} matches none of the "
                          f"projections minterleave adapts ({PART_PREFIX['decoder']}N.self_attn.q_proj, ...)")
     tensors, skip = load_file(file), re.escape(PART_PREFIX["vision"]) + r"(\d+)\."
-    found = {}
+    found, projector = {}, {}
     for key, t in tensors.items():
+        if key in PROJECTOR_KEYS and c.get("modules_to_save"):
+            projector[PROJECTOR_KEYS[key]] = t
+            continue
         name, ab = module_of_key(key, file)
         m = re.match(skip, name)
         if m and len(model.vision.layers) <= int(m.group(1)) < model.cfg.vision.num_layers:
@@ -343,6 +371,9 @@ def load_adapter(model, path):
                 raise ValueError(f"{file}: tensor {KEY_PREFIX}{name}.{ab}.weight is missing (target_modules "
                                  f"{json.dumps(c['target_modules'])} includes that module)")
 
+    if c.get("modules_to_save") and len(projector) != 4:
+        raise ValueError(f"{file}: modules_to_save is [\"{PROJECTOR}\"] but the file holds {len(projector)} of the "
+                         f"projector's 4 tensors ({KEY_PREFIX}model.{PROJECTOR}.linear_1.weight, ...)")
     attach(model, names, r, alpha, dropout, use_rslora)
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -356,6 +387,15 @@ def load_adapter(model, path):
     model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                              target_modules=c["target_modules"],
                              base_model_name_or_path=c.get("base_model_name_or_path"))
+    if projector:
+        train_projector(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for ours, t in projector.items():
+                if tuple(t.shape) != tuple(params[ours].shape):
+                    raise ValueError(f"{file}: projector tensor for {ours} has shape {list(t.shape)}, expected "
+                                     f"{list(params[ours].shape)}")
+                params[ours].copy_(t)
     return model
 
 
@@ -376,5 +416,6 @@ def merge_lora(model):
             start += n
         parent, attr = path.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, layer.base)
+    model.projector.to(model.dtype)  # trained in float32 (train_projector); the merged model is one dtype again
     model.__dict__.pop("lora_config", None)
     return model

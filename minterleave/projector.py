@@ -15,4 +15,5 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(hidden, hidden)
 
     def forward(self, x):  # (N, P, vision_dim) -> (N, P, hidden)
+        x = x.to(self.linear_1.weight.dtype)  # a projector trained in fp32 on a bf16 tower (lora.train_projector)
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact GELU, not the tanh one of the ViT

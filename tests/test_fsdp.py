@@ -2,6 +2,8 @@
 the same global batch, save the same files, and a run resumes under another process count, FSDP or not; LoRA,
 bf16 mixed precision, activation checkpointing and --export --merge compose with it."""
 
+import copy
+import dataclasses
 import json
 import os
 import socket
@@ -39,19 +41,36 @@ def torchrun(args, n=2):
     return r.stdout
 
 
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Two small checkpoints: tied head (as the 0.5B model) and untied (as the 7B: embeddings and head are units)."""
+    tied, untied = str(tmp_path_factory.mktemp("fsdp") / "tied"), str(tmp_path_factory.mktemp("fsdp") / "untied")
+    train.main(COMMON + ["--max-steps", "1", "--batch-size", "4", "--out", tied])
+    model = mi.Model.from_pretrained(tied)
+    cfg = copy.deepcopy(model.cfg)
+    cfg.text = dataclasses.replace(cfg.text, tie_word_embeddings=False)
+    free = mi.Model(cfg)
+    free.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        free.decoder.lm_head.weight.copy_(model.decoder.embed_tokens.weight * 1.5)
+    checkpoint.save(untied, free, tied)
+    return tied, untied
+
+
 def max_diff(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_two_fsdp_processes_equal_one_process_and_resume_under_either_count(tmp_path):
+def test_two_fsdp_processes_equal_one_process_and_resume_under_either_count(bases, tmp_path):
     one, two, back = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "back")
-    train.main(COMMON + ["--max-steps", "4", "--batch-size", "4", "--out", one])
+    common = COMMON + ["--init", bases[1]]  # untied: embeddings and head sharded as units of their own
+    train.main(common + ["--max-steps", "4", "--batch-size", "4", "--out", one])
     # 2 sharded processes, global batch 4, stopped after step 2, then finished by 1 plain process
-    out = torchrun(COMMON + ["--max-steps", "4", "--batch-size", "2", "--fsdp", "--stop-at", "2", "--out", two])
+    out = torchrun(common + ["--max-steps", "4", "--batch-size", "2", "--fsdp", "--stop-at", "2", "--out", two])
     assert "2 process(es) (FSDP), global batch 4" in out
     half = mi.Model.from_pretrained(two)  # the step-2 checkpoint written from the shards
     assert losses(two) == pytest.approx(losses(one)[:2], rel=1e-5, abs=0)
-    train.main(COMMON + ["--max-steps", "4", "--batch-size", "4", "--out", two, "--resume"])
+    train.main(common + ["--max-steps", "4", "--batch-size", "4", "--out", two, "--resume"])
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=0)
     assert max_diff(mi.Model.from_pretrained(one), mi.Model.from_pretrained(two)) < 1e-5
     # the saved optimizer moments are the whole tensors, under the same names as a single process writes
@@ -60,16 +79,15 @@ def test_two_fsdp_processes_equal_one_process_and_resume_under_either_count(tmp_
     assert sorted(a) == sorted(b)
     assert all(a[k].shape == b[k].shape for k in a)
     # 1 plain process to step 2, then 2 sharded processes resume it (each keeps its shard of the moments)
-    train.main(COMMON + ["--max-steps", "4", "--batch-size", "4", "--stop-at", "2", "--out", back])
+    train.main(common + ["--max-steps", "4", "--batch-size", "4", "--stop-at", "2", "--out", back])
     assert max_diff(mi.Model.from_pretrained(back), half) < 1e-5
-    torchrun(COMMON + ["--max-steps", "4", "--batch-size", "2", "--fsdp", "--out", back, "--resume"])
+    torchrun(common + ["--max-steps", "4", "--batch-size", "2", "--fsdp", "--out", back, "--resume"])
     assert losses(back) == pytest.approx(losses(one), rel=1e-5, abs=0)
     assert max_diff(mi.Model.from_pretrained(one), mi.Model.from_pretrained(back)) < 1e-5
 
 
-def test_fsdp_lora_bf16_grad_checkpoint_saves_the_adapter_and_exports_merged(tmp_path):
-    base = str(tmp_path / "base")
-    train.main(COMMON + ["--max-steps", "1", "--batch-size", "4", "--out", base])
+def test_fsdp_lora_bf16_grad_checkpoint_saves_the_adapter_and_exports_merged(bases, tmp_path):
+    base = bases[0]
     lora_args = ["--init", base, "--domain", "video", "--max-steps", "3", "--lora-r", "4", "--lora-parts",
                  "decoder,vision", "--dtype", "bfloat16", "--base-dtype", "bfloat16", "--grad-checkpoint"]
     one, two, merged = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "merged")

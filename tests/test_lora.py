@@ -124,6 +124,55 @@ def test_peft_adapter_loads_in_minterleave_with_equal_logits(reference, tmp_path
     assert again["target_modules"] == json.load(open(tmp_path / "adapter_config.json"))["target_modules"]
 
 
+def test_projector_trained_fully_beside_the_adapters_is_peft_modules_to_save_both_ways(reference, tmp_path):
+    """parts=(..., "projector"): the projector trains fully, saved as PEFT's modules_to_save=["multi_modal_projector"]."""
+    hf, ckpt, ids, pixels = reference
+    # PEFT -> minterleave: random adapters and a changed projector copy (the one PEFT trains and saves)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], init_lora_weights=False,
+                             modules_to_save=["multi_modal_projector"])
+    ref = peft.get_peft_model(copy.deepcopy(hf), config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    model = mi.Model.from_pretrained(ckpt, adapter=str(tmp_path / "peft"))
+    err = (logits(model, ids, pixels) - logits(ref, ids, pixels)).abs().max().item()
+    print(f"max abs logit difference, PEFT adapter + modules_to_save projector in minterleave: {err:.3g}")
+    assert err <= 1e-5
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "lora_" not in n} == {"projector.linear_1.weight", "projector.linear_1.bias",
+                                                         "projector.linear_2.weight", "projector.linear_2.bias"}
+    # minterleave -> PEFT: add_lora with the projector part on a bfloat16 base, projector trained in float32
+    half = add_lora(mi.Model.from_pretrained(ckpt, dtype=torch.bfloat16), r=4, alpha=8, targets=["v_proj"],
+                    parts=("decoder", "projector"))
+    assert half.projector.linear_1.weight.dtype == torch.float32 and half.projector.linear_1.weight.requires_grad
+    assert half(ids, pixels).dtype == torch.float32  # runs: the tower's bf16 features go into the fp32 projector
+    ours = randomise(add_lora(mi.Model.from_pretrained(ckpt), r=4, alpha=8, targets=["v_proj"],
+                              parts=("decoder", "projector")))
+    with torch.no_grad():
+        for p in ours.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    save_adapter(ours, str(tmp_path / "ours"))
+    assert json.load(open(tmp_path / "ours" / "adapter_config.json"))["modules_to_save"] == ["multi_modal_projector"]
+    assert "base_model.model.model.multi_modal_projector.linear_2.bias" in load_file(
+        str(tmp_path / "ours" / "adapter_model.safetensors"))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ours")).eval()
+    err = (logits(ours, ids, pixels) - logits(theirs, ids, pixels)).abs().max().item()
+    print(f"max abs logit difference, minterleave adapter + projector in PEFT: {err:.3g}")
+    assert err <= 1e-5
+    assert (logits(ours, ids, pixels) - logits(hf, ids, pixels)).abs().max() > 1e-2
+    # merged: the projector's trained weights are the model's own, in its dtype
+    merged = merge_lora(ours)
+    assert (logits(merged, ids, pixels) - logits(theirs, ids, pixels)).abs().max().item() <= 1e-4
+    # a file that says modules_to_save but lacks the projector's tensors is refused, naming the problem
+    tensors = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "projector" not in k}, str(tmp_path / "ours" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="projector's 4 tensors"):
+        mi.Model.from_pretrained(ckpt, adapter=str(tmp_path / "ours"))
+
+
 def test_transformers_4_adapter_keys_load_too(reference, tmp_path):
     """Adapters trained on transformers 4 name the layers language_model.model.layers.N and
     vision_tower.vision_model.encoder.layers.N."""
@@ -157,7 +206,8 @@ def valid_adapter(reference, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("modules_to_save", ["multi_modal_projector"]),
+    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("modules_to_save", ["lm_head"]),
+    ("modules_to_save", ["multi_modal_projector", "lm_head"]),
     ("rank_pattern", {"q_proj": 8}), ("alpha_pattern", {"q_proj": 32}), ("layers_to_transform", [0]),
     ("fan_in_fan_out", True), ("lora_bias", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
     ("peft_type", "IA3"), ("task_type", "SEQ_CLS"), ("trainable_token_indices", [1, 2]),

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import minterleave as mi
 from minterleave import checkpoint, data, streams, tasks
@@ -249,12 +250,15 @@ def test_lora_fine_tune_saves_the_adapter_resumes_exactly_and_exports_merged(tra
     from transformers import LlavaForConditionalGeneration
     from minterleave import lora
     args = FAST + ["--init", trained, "--domain", "video", "--max-steps", "4", "--seed", "6", "--lora-r", "4",
-                   "--lora-parts", "decoder,vision", "--lora-targets", "q_proj,v_proj,down_proj,fc1"]
+                   "--lora-parts", "decoder,vision,projector", "--lora-targets", "q_proj,v_proj,down_proj,fc1"]
     full, cut, export = str(tmp_path / "full"), str(tmp_path / "cut"), str(tmp_path / "merged")
     train.main(args + ["--out", full, "--export", export, "--merge"])
     files = set(os.listdir(full))
     assert {"adapter_config.json", "adapter_model.safetensors", checkpoint.STATE_DIR} <= files
     assert not files & {"model.safetensors", "config.json"}
+    # the projector trained fully beside the adapters: PEFT's modules_to_save, its whole weights in the file
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in load_file(
+        os.path.join(full, "adapter_model.safetensors"))
     train.main(args + ["--out", cut, "--stop-at", "2"])
     train.main(args + ["--out", cut, "--resume"])
     assert [r["loss"] for r in log(full)] == [r["loss"] for r in log(cut)]
