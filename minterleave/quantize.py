@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 def quantize_rows(w):
     """w (out, in) float -> (q int8 (out, in), scales float (out,))."""
-    scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    wf = w.float()  # a copy (or w itself if fp32: then only read)
+    scales = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = (wf / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -61,6 +62,10 @@ class Int8MatMul(torch.autograd.Function):
         return dx, None, None
 
 
+PREFILL_ROWS = 32  # from this many input rows on (no gradient wanted), a matmul dequantises its weights first
+DEQUANT_MAX = 1 << 25  # ...if they are at most this many int8 values (every decoder matrix; not a 152k-row head)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, q, scales, bias, dtype):
         super().__init__()
@@ -76,9 +81,13 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # decoding needs no gradient: call the kernel itself (no autograd Function on the decode step)
-        y = Int8MatMul.apply(x2, self.weight, self.scales) if x.requires_grad else \
-            torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        if x2.shape[0] >= PREFILL_ROWS and self.weight.numel() <= DEQUANT_MAX and not torch.is_grad_enabled():
+            # a prompt, not training: the kernel is built for a few rows (~4x slower than F.linear at 758 rows);
+            # dequantise this one matrix for one call (a temporary of out x in values, never the head's)
+            y = F.linear(x2, self.weight.to(x2.dtype) * self.scales[:, None])
+        else:  # decoding needs no gradient: call the kernel itself (no autograd Function on the decode step)
+            y = Int8MatMul.apply(x2, self.weight, self.scales) if x.requires_grad else \
+                torch._weight_int8pack_mm(x2, self.weight, self.scales)
         y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
