@@ -633,7 +633,7 @@ def main(argv=None):
         return finetune_main(argv[1:])
     if argv[:1] == ["decode"]:  # minterleave bf16/int8/int4 vs transformers (vs llama.cpp), minterleave/bench_decode.py
         from minterleave.bench_decode import main as bench_decode
-        return bench_decode(argv[1:])
+        return bench_decode(argv[1:], build_default_checkpoint)
     if argv[:1] == ["_finetune_worker"]:
         return finetune_worker(*argv[1:])
     if argv[:1] == ["serve"]:

@@ -159,7 +159,8 @@ class Worker:
 
 
 # ---------------------------------------------------------------- the parent
-def main(argv):
+def main(argv, build_default=None):
+    """build_default(path): writes bench.py's random 0.5B checkpoint when it is not there yet (bench.py passes it)."""
     p = cli.ArgumentParser(prog="bench.py decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint folder or hub id (default: the random 0.5B one of bench.py)")
     p.add_argument("--modes", default="bf16,int8,int4", help="minterleave modes, in order (default: %(default)s)")
@@ -200,9 +201,9 @@ def main(argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = hub.resolve(args.model) if args.model else os.path.join(root, "cache", "bench-0.5b")
     if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
-        sys.path.insert(0, root)
-        from bench import build_default_checkpoint  # bench.py's random 0.5B checkpoint, written once
-        build_default_checkpoint(path)
+        if build_default is None:
+            raise FileNotFoundError(f"{path}: no checkpoint; `python bench.py decode` writes it (or give --model)")
+        build_default(path)
     cfg = load_config(path)
     t = cfg.text
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
