@@ -60,8 +60,12 @@ def weighted_cycle(spec, names, flag):
 
 
 def domain_cycle(domain, weights):
-    """The domain order of one cycle: "all" = every domain once, each repeated by --domain-weights."""
-    return weighted_cycle(weights, tasks.DOMAINS if domain == "all" else (domain,), "--domain-weights")
+    """The domain order of one cycle: "all" = every domain once, each repeated by --domain-weights. A question
+    type of tasks.EXTRA joins "all" only where --domain-weights names it (which_colour=4), so that a new one can
+    be learnt beside the others (README, the LoRA example) while a plain "all" stays the four domains."""
+    named = {kv.partition("=")[0] for kv in weights.split(",")}
+    names = (*tasks.DOMAINS, *(e for e in tasks.EXTRA if e in named)) if domain == "all" else (domain,)
+    return weighted_cycle(weights, names, "--domain-weights")
 
 
 def qtype_cycles(spec):

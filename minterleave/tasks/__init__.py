@@ -25,7 +25,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from . import multi_image, multi_patch, three_d, video
+from . import multi_image, multi_patch, three_d, video, which_colour
 from .multi_patch import QUADRANTS  # noqa: F401 (re-exported)
 from .render import COLOURS, SHAPES, grid_scene, save_video  # noqa: F401 (re-exported)
 
@@ -34,6 +34,12 @@ DOMAINS = {  # name -> module, in the order --domain all cycles through them
     "video": video,
     "3d": three_d,
     "multi_patch": multi_patch,
+}
+# Question types that are not part of "all": selectable by name (--domain which_colour), so adding one changes
+# neither what `--domain all` trains and scores nor any sample of the domains above. The tables below
+# (QTYPES, CHANCE, ...) describe DOMAINS; make_sample, choices and chance take these names too.
+EXTRA = {
+    "which_colour": which_colour,   # the reverse of which_image, taught to the bundled model by LoRA (README)
 }
 
 
@@ -51,9 +57,9 @@ def __getattr__(name):
 
 
 def _module(domain):
-    if domain not in DOMAINS:
-        raise ValueError(f"domain {domain!r} not in {tuple(DOMAINS)}")
-    return DOMAINS[domain]
+    if domain not in DOMAINS and domain not in EXTRA:
+        raise ValueError(f"domain {domain!r} not in {(*DOMAINS, *EXTRA)}")
+    return DOMAINS.get(domain) or EXTRA[domain]
 
 
 def choices(domain, qtype, **opts):
