@@ -3,6 +3,7 @@
     from minterleave import scoring
     res = scoring.evaluate_synthetic(model, proc, "video", n=200, seed=7)    # fresh synthetic questions
     res = scoring.evaluate_records(model, proc, "bench.json", "images/")      # Interleave-Bench-format JSON
+    # (the benchmark's own protocol, categories and all: minterleave/interleave_bench.py, eval.py --bench)
     print(scoring.format_table(res, "per_qtype"))
 
 Prompts: a question (its text with `<image>`/`<video>` placeholders where the media go) becomes
