@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (PEFT's format) or hub id, merged into the weights (default: none)")
-    p.add_argument("--domain", default="all", choices=(*tasks.DOMAINS, "all"), help="synthetic domain")
+    p.add_argument("--domain", default="all", choices=(*tasks.DOMAINS, *tasks.EXTRA, "all"), help="synthetic domain")
     p.add_argument("--n", type=cli.positive_int, default=200, help="questions per domain")
     p.add_argument("--seed", type=int, default=0, help=f"evaluation seed, 0..{data.EVAL_SEED_LIMIT - 1}")
     p.add_argument("--data", default=None, metavar="FILE",
@@ -69,7 +69,8 @@ def main(argv=None):
                    help="--data: score the first N records only; --bench: the first N of each split (default: all)")
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
-                   help="new tokens per answer (default: 8 for synthetic questions, 16 with --data/--bench, as lmms-eval)")
+                   help="new tokens per answer (default: 8 for synthetic questions, 16 with --data or --bench, "
+                        "as lmms-eval)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute dtype")
     p.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="weight-only int8 (per row) or int4 (--group-size) decoder (default: none)")

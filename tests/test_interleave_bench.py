@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -367,7 +368,7 @@ def test_bench_missing_path_or_split(tmp_path, capsys, bench):
         ["--model", str(nowhere), "--bench", str(nowhere)], capsys)
     only = tmp_path / "only"
     os.makedirs(only / "in_domain")
-    os.link(os.path.join(bench, "in_domain", "test-00000-of-00002.parquet"), only / "in_domain" / "a.parquet")
+    shutil.copy(os.path.join(bench, "in_domain", "test-00000-of-00002.parquet"), only / "in_domain" / "a.parquet")
     assert "no out_of_domain split" in eval_error(["--model", str(nowhere), "--bench", str(only), "--split",
                                                    "out_of_domain"], capsys)
     assert "--rescore" in eval_error(["--rescore", str(nowhere)], capsys)
