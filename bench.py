@@ -115,12 +115,10 @@ def worker(impl, path, dtype_name, spec):
         torch.set_num_threads(spec["threads"])
     if impl == "minterleave":
         import minterleave as mi
-        from minterleave.quantize import quantize_int8
 
-        def load():
-            model = mi.Model.from_pretrained(path, dtype=dtype, check_finite=spec.get("check_finite", True))
-            if spec.get("quantize") == "int8":
-                quantize_int8(model)
+        def load():  # --quantize: quantized matrix by matrix while loading (int4: groups of 32)
+            model = mi.Model.from_pretrained(path, dtype=dtype, check_finite=spec.get("check_finite", True),
+                                             quantize=spec.get("quantize"))
             return model.prepare_for_inference(path)  # packed bf16 decoder weights on a CPU
     else:
         from transformers import LlavaForConditionalGeneration
@@ -654,8 +652,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one repeat of everything, 8 new tokens, 0.25 GB "
                    "bandwidth probe (for tests)")
     p.add_argument("--only", choices=["minterleave"], help="skip transformers (default: both side by side)")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="minterleave with int8 weight-only decoder weights (default: off)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="minterleave with int8 (per row) or int4 (groups of 32) weight-only decoder weights "
+                        "(default: off; `bench.py decode` compares the modes)")
     p.add_argument("--json", help="write the results to this file (default: print only)")
     p.add_argument("--no-check-finite", action="store_true",
                    help="skip minterleave's NaN/Inf check of the weights (transformers has none)")
