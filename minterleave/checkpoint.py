@@ -67,7 +67,9 @@ def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=No
     optimizer_tensors gives; FSDP's shards are gathered by distributed.full_state).
     Refuses (ValueError, nothing written) a model with a NaN or Inf weight: it never replaces a good one."""
     from safetensors.torch import save_file
-    bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    adapter = bool(lora.lora_layers(model))  # a LoRA run saves (and so checks) its trainable parameters alone
+    bad = next((n for n, p in model.named_parameters()
+                if (p.requires_grad or not adapter) and not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         raise ValueError(f"{out}: not saved, parameter {bad} holds NaN/Inf (the previous checkpoint is kept)")
     out = os.path.abspath(out)
@@ -76,7 +78,7 @@ def save(out, model, assets, dtype=None, optimizer=None, state=None, log_file=No
     _step("clear tmp")
     copy_assets(assets, tmp)
     _step("assets")
-    if lora.lora_layers(model):  # a LoRA run: the adapter alone, in PEFT's format (its base is --init)
+    if adapter:  # a LoRA run: the adapter alone, in PEFT's format (its base is --init)
         lora.save_adapter(model, tmp)
         _step("config")
         _step("weights")

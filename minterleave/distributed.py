@@ -86,11 +86,14 @@ def grad_norm(model, max_norm):
     return full(norm)
 
 
-def full_state(model, optimizer, master):
+def full_state(model, optimizer, master, trainable_only=False):
     """({name: full parameter}, {"<moment>/<name>": full optimizer state}) on rank 0, gathered one tensor at a time
-    (a non-master process holds one full tensor at most, and returns two empty dicts)."""
+    (a non-master process holds one full tensor at most, and returns two empty dicts). trainable_only: leave the
+    frozen parameters out (a LoRA run saves the adapter alone: its base need not be gathered)."""
     params, moments = {}, {}
     for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         t = full(p.detach())
         if master:
             params[name] = t.cpu()
