@@ -132,13 +132,12 @@ def chat(args, model, proc, gen):
 
 def main(argv=None):
     args = parse_args(argv)
-    from minterleave.demo import run_demo, stream_answer
-
     model, proc, path = load(args)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed)
     if args.chat:
         return chat(args, model, proc, gen)
+    from minterleave.demo import run_demo, stream_answer
     media = args.image or args.views or args.video
     if args.prompt is None and not media:  # the one-example-per-domain tour of the bundled model
         return run_demo(model, proc, gen, model_name=args.model)
@@ -146,7 +145,7 @@ def main(argv=None):
     images = args.image + args.views
     prompt = build_prompt(proc, question, len(images), bool(args.video))
     _, n_prompt, n_new, seconds = stream_answer(model, proc, prompt, images, [args.video] if args.video else [],
-                                                args.frames, args.multi_patch, **gen)
+                                                args.frames, args.multi_patch, out=sys.stdout, **gen)
     print(f"[prompt {n_prompt} tokens, {n_new} new tokens, {n_new / max(seconds, 1e-9):.1f} tokens/s]")
     return 0
 
