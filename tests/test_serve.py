@@ -346,3 +346,14 @@ def test_a_failing_request_fails_alone_and_the_running_batch_goes_on(tiny, media
     assert list(broken.stream())[-1][0] == "error"
     assert list(running.stream())[-1] == ("done", "length", 20)
     assert running.out == model.generate(torch.tensor([ids]), max_new_tokens=20)[0].tolist()
+
+
+def test_stop_strings_end_the_answer_before_them_and_are_never_streamed(tiny):
+    model, proc = tiny
+    batcher = Batcher(model, proc.eos_token_ids, proc.decode)
+    ids = proc(proc.apply_chat_template([{"role": "user", "content": "Hello"}]))["input_ids"][0].tolist()
+    free = list(batcher.submit(Job(ids, max_new=3)).stream())
+    assert "".join(e[1] for e in free if e[0] == "text") == "greengreengreen"  # what the tiny model says
+    events = list(batcher.submit(Job(ids, max_new=10, stop=["xyz", "engr"])).stream())
+    assert [e[1] for e in events if e[0] == "text"] == ["gr", "e"]  # "en" held back until it could not be "engr"
+    assert events[-1] == ("done", "stop", 2)
