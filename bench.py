@@ -555,8 +555,10 @@ def serve_main(argv):
     p.add_argument("--model", help=f"checkpoint folder or hub id (default: random 0.5B weights in {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="(default: %(default)s)")
     p.add_argument("--clients", default="1,4,8", help="concurrent clients, in order (default: %(default)s)")
-    p.add_argument("--requests", type=cli.positive_int, default=16, help="requests per measurement (default: %(default)s)")
-    p.add_argument("--max-tokens", type=cli.positive_int, default=32, help="max_tokens per request (default: %(default)s)")
+    p.add_argument("--requests", type=cli.positive_int, default=16,
+                   help="requests per measurement (default: %(default)s)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=32,
+                   help="max_tokens per request (default: %(default)s)")
     p.add_argument("--images", type=int, default=1, help="images per request (default: %(default)s)")
     p.add_argument("--ttft-rounds", type=int, default=3, help="chat rounds for the TTFT medians, 0 = skip "
                    "(default: %(default)s)")
@@ -580,11 +582,12 @@ def serve_main(argv):
         if args.ttft_rounds:
             say("chat: follow-up time to first token ...")
             results["chat_ttft"] = r = chat_ttft(path, args.dtype, image, args.ttft_rounds)
-            say(f"chat follow-up TTFT: {r['kept_s'] * 1e3:.1f} ms prefilling {r['kept_tokens']} new tokens (cache kept) vs "
-                f"{r['full_s'] * 1e3:.1f} ms re-prefilling all {r['full_tokens']}: {r['speedup']:.1f}x")
+            say(f"chat follow-up TTFT: {r['kept_s'] * 1e3:.1f} ms prefilling {r['kept_tokens']} new tokens (cache "
+                f"kept) vs {r['full_s'] * 1e3:.1f} ms re-prefilling all {r['full_tokens']}: {r['speedup']:.1f}x")
         url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
-        bodies = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * args.images
-                   + [{"type": "text", "text": f"Question {i}: what is in the picture?"}]}],
+        parts = [{"type": "image_url", "image_url": {"url": url}}] * args.images
+        bodies = [{"messages": [{"role": "user", "content": parts + [
+                   {"type": "text", "text": f"Question {i}: what is in the picture?"}]}],
                    "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.requests)]
         servers = {}
         try:
@@ -605,7 +608,8 @@ def serve_main(argv):
     info["loadavg_at_end"] = os.getloadavg()
     lines = [f"\n{info['cpu']}, {info['cores']} cores (load average {info['loadavg_at_start'][0]:.1f} at the start, "
              f"{info['loadavg_at_end'][0]:.1f} at the end); model {path} ({args.dtype}); {args.requests} requests of "
-             f"{args.images} image(s) + a question, max_tokens {args.max_tokens}; {time.perf_counter() - t0:.0f} s in all.",
+             f"{args.images} image(s) + a question, max_tokens {args.max_tokens}; "
+             f"{time.perf_counter() - t0:.0f} s in all.",
              "", "| clients | batched requests/s | tokens/s | sequential requests/s | tokens/s | batching gain |",
              "|---:|---:|---:|---:|---:|---:|"]
     for c in clients:

@@ -15,7 +15,6 @@ prompt length, the number of new tokens and the speed. Bad input ends with one l
 (`sample.py: error: ...`, exit status 1; 2 for a bad flag); --debug shows the traceback instead.
 """
 
-import argparse
 import os
 import sys
 

@@ -10,7 +10,6 @@ batch (minterleave/batching.py). Ctrl-C stops it. Bad flags or files end with on
 (`serve.py: error: ...`); --debug shows the traceback instead.
 """
 
-import argparse
 import os
 import sys
 
@@ -22,7 +21,8 @@ from sample import BUNDLED, load
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=BUNDLED, help="checkpoint folder or hub id (default: the bundled tiny model, %(default)s)")
+    p.add_argument("--model", default=BUNDLED,
+                   help="checkpoint folder or hub id (default: the bundled tiny model, %(default)s)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter folder (PEFT's format), merged")
     p.add_argument("--name", default=None, help="the model name clients see (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")

@@ -78,7 +78,8 @@ class App:
         which = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = _number({which: max_tokens}, which, None, 1, integer=True)
         # temperature defaults to 0 (greedy, as sample.py), not to OpenAI's 1: answers are reproducible
-        sampling = dict(temperature=_number(body, "temperature", 0.0, 0, 2), top_p=_number(body, "top_p", None, 0, 1, open_lo=True),
+        sampling = dict(temperature=_number(body, "temperature", 0.0, 0, 2),
+                        top_p=_number(body, "top_p", None, 0, 1, open_lo=True),
                         top_k=_number(body, "top_k", None, 1, integer=True),
                         seed=_number(body, "seed", None, -2**63, 2**64 - 1, integer=True))
         if sampling["seed"] is not None:
@@ -286,7 +287,8 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self._event(chunk({}, event[1]))
                     if usage:
-                        self._event({**head, "object": "chat.completion.chunk", "choices": [], "usage": count(event[2])})
+                        self._event({**head, "object": "chat.completion.chunk", "choices": [],
+                                     "usage": count(event[2])})
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled = True  # the client went away: its row leaves the batch

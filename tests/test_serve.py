@@ -109,9 +109,9 @@ def test_lmms_eval_request_shape(server, media, client):
     from PIL import Image
     buffer = io.BytesIO()
     Image.open(media[1][0]).convert("RGB").save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     payload = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": QUESTION},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}]}],
+        {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]}],
         "model": "grok-2-latest", "max_tokens": 1024, "temperature": 0}
 
     async def ask():
