@@ -35,7 +35,7 @@ def check_group_size(group_size, in_features, what="weight"):
 def quantize_groups(w, group_size, dtype):
     """w (n, K) float -> q (n, K) int32 in [0, 15], scales and zeros (n, K / group_size) in `dtype`."""
     n, K = w.shape
-    wg = w.float().reshape(n, K // group_size, group_size)  # (n, G, g), a copy: worked on in place below
+    wg = w.to(torch.float32, copy=True).reshape(n, K // group_size, group_size)  # (n, G, g): worked on in place
     lo, hi = torch.aminmax(wg, dim=-1)
     s = ((hi - lo) / 15).clamp_(min=1e-6).to(dtype)
     z = (lo.to(dtype).float() + 8 * s.float()).to(dtype)
