@@ -102,3 +102,20 @@ def test_sample_py_chat_keeps_the_first_turn_from_the_flags(images, monkeypatch,
                         "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("> What colour is the shape?\n") and "(conversation " in out
+
+
+def test_video_and_views_turns(tiny, images, tmp_path):
+    from minterleave import tasks
+    from minterleave.tasks.render import save_video
+    model, proc = tiny
+    clip = str(tmp_path / "clip.mp4")
+    save_video(tasks.make_sample("video", 4242, image_size=96, placement="front").images, clip)
+    session = ChatSession(model, proc)
+    lines = iter([f"/video {clip} 2", "What happens first?", f"/views {images[0]} {images[1]}", "How many?",
+                  f"/video {clip} 0"])
+    out = []
+    repl(session, dict(max_new_tokens=4), read=lambda prompt: next(lines, "/quit"), write=lambda *a, **k: out.append(a))
+    assert [p.shape[0] for p in session.pixels] == [2, 2]  # 2 frames, then 2 views
+    assert session.messages[0]["content"][0] == {"type": "video", "path": clip}
+    assert [c["type"] for c in session.messages[2]["content"]] == ["image", "image", "text"]
+    assert any("frames must be >= 1, got 0" in str(a) for a in out)
