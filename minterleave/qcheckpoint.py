@@ -18,9 +18,8 @@ import shutil
 import torch
 
 from . import weights
-from .int4 import Int4Linear
-from .quantize import (Int8Embedding, Int8Linear, check_scheme, install_embedding, quantized_linear,
-                       targets)
+from .int4 import ROWS, Int4Linear, quantize_groups
+from .quantize import Int8Embedding, Int8Linear, check_scheme, quantize_rows, quantized_linear, targets
 
 KEY = "minterleave_quantization"
 
@@ -67,10 +66,32 @@ def load_quantizing(model, path, cfg, where, check_finite, scheme, group_size, d
     for parent, attr, name in targets(model.decoder):
         lin = getattr(parent, attr)
         setattr(parent, attr, quantized_linear(read(name), lin.bias, scheme, group_size, dtype))
-    emb = read("embed_tokens")
-    install_embedding(model.decoder, emb, read("lm_head") if "lm_head" in mats else None, scheme, group_size, dtype)
+    # the embedding and an untied head (152k rows: as large as a third of the decoder) a block of rows at a time
+    rows = {n: weights.row_reader(cfg, where, f"decoder.{n}.weight", dtype, check_finite) for n in ("embed_tokens", "lm_head")
+            if n in mats}
+    dec = model.decoder
+    dec.embed_tokens = Int8Embedding(*_int8_rows(*rows["embed_tokens"]), dtype)
+    if "lm_head" not in mats and scheme == "int8":
+        dec.lm_head = Int8Linear(dec.embed_tokens.weight, dec.embed_tokens.scales, None, dtype)  # tied: one table
+    else:
+        read_head, (n, k) = rows.get("lm_head", rows["embed_tokens"])
+        if scheme == "int8":
+            dec.lm_head = Int8Linear(*_int8_rows(read_head, (n, k)), None, dtype)
+        else:
+            dec.lm_head = Int4Linear(k, n, group_size, None, dtype)
+            for a in range(0, n, ROWS):
+                dec.lm_head._set_rows(a, *quantize_groups(read_head(a, min(n, a + ROWS)), group_size, dtype))
     model.quantization = {"scheme": scheme, "group_size": group_size}
     return model
+
+
+def _int8_rows(read, shape):
+    """int8 rows and scales of a (n, k) matrix read ROWS rows at a time."""
+    q, s = torch.empty(shape, dtype=torch.int8), torch.empty(shape[0])
+    for a in range(0, shape[0], ROWS):
+        b = min(shape[0], a + ROWS)
+        q[a:b], s[a:b] = quantize_rows(read(a, b))
+    return q, s
 
 
 def _tensors(model, values=True):

@@ -274,6 +274,27 @@ def read_param(cfg: ModelConfig, where: dict, ours: str, out: torch.Tensor, chec
     return out
 
 
+def row_reader(cfg: ModelConfig, where: dict, ours: str, dtype, check_finite: bool = True):
+    """(read, shape) for our whole-tensor parameter `ours`: read(a, b) returns its rows a..b in `dtype`, read from
+    the file, so that a large matrix (the embedding, an untied head) can be quantized without holding it all."""
+    layout = detect_layout(cfg, where)
+    ck = next(ck for ck, (name, rows) in tensor_map(cfg, layout, cfg.vision_layers_used).items() if name == ours)
+    start, header = read_header(where[ck])
+    info = header[ck]
+    shape, row_bytes = info["shape"], info["shape"][1] * DTYPES[info["dtype"]].itemsize
+    begin = info["data_offsets"][0]
+
+    def read(a, b):
+        out = torch.empty(b - a, shape[1], dtype=dtype)
+        part = {"dtype": info["dtype"], "data_offsets": [begin + a * row_bytes, begin + b * row_bytes], "shape": list(out.shape)}
+        with open(where[ck], "rb") as f:
+            read_into(f, start, part, out)
+            if check_finite and not is_finite(out):
+                raise nonfinite_error(f, start, info, ck, dtype)
+        return out
+    return read, tuple(shape)
+
+
 def embedding_location(path: str, cfg: ModelConfig) -> dict:
     """Where the token-embedding matrix lies in the checkpoint at `path`: {file, offset, dtype, shape}.
     packing.py uses it to pack a tied head and read the embedding's rows from the file instead of keeping
