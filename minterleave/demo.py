@@ -17,10 +17,11 @@ from .tasks.render import save_video
 DEMO_SEED = 4242  # an evaluation-range seed (< 1e9): never seen in training
 
 
-def stream_answer(model, proc, prompt, images=(), videos=(), num_frames=None, multi_patch=False, out=sys.stdout,
+def stream_answer(model, proc, prompt, images=(), videos=(), num_frames=None, multi_patch=False, out=None,
                   **generate_kwargs):
-    """Generate the answer to `prompt`, writing it to `out` as it comes (never a broken UTF-8 piece).
-    Returns (text, prompt tokens, new tokens, seconds)."""
+    """Generate the answer to `prompt`, writing it to `out` as it comes (never a broken UTF-8 piece; default: the
+    sys.stdout of the call, not of the import). Returns (text, prompt tokens, new tokens, seconds)."""
+    out = sys.stdout if out is None else out
     inputs = proc(prompt, images=list(images) or None, videos=list(videos) or None, num_frames=num_frames,
                   multi_patch=multi_patch)
     stream = proc.stream_decoder()
