@@ -27,7 +27,7 @@ ADAPTER = os.path.join(ROOT, "weights", "minterleave-tiny-lora-which-colour")
 def section():
     """The README's subsection on this example."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    return readme.split("### Teaching the bundled model a new question")[1].split("\n## ")[0]
+    return re.split(r"\n##+ ", readme.split("### Teaching the bundled model a new question")[1])[0]
 
 
 ORIGINAL = ("multi_image", "video", "3d", "multi_patch")
@@ -101,17 +101,17 @@ def test_the_shipped_adapter_reaches_the_readme_numbers():
     """The README's table is n=200 per row (eval.py --seed 7); here its first questions: the same seeds,
     so the base model is as far from the new answers and the adapter as close to them."""
     table = readme_table()
-    assert set(table) == {"which-colour (new)", "multi-image", "video", "3D", "multi-patch"}, table
-    before, after = table["which-colour (new)"]
+    assert set(table) == {"`which_colour` (new)", *(f"`{d}`" for d in ORIGINAL)}, table
+    before, after = table["`which_colour` (new)"]
     assert before <= 0.25 + 0.05 and after >= 0.9
-    assert all(table[d][1] >= 0.85 for d in ("multi-image", "video", "3D", "multi-patch"))
+    assert all(table[f"`{d}`"][1] >= 0.85 for d in ORIGINAL)
     size = os.path.getsize(os.path.join(ADAPTER, "adapter_model.safetensors"))
     assert f"{size:,} bytes" in section()
     proc = mi.Processor.from_pretrained(BUNDLED)
     base = mi.Model.from_pretrained(BUNDLED)
     assert scoring.evaluate_synthetic(base, proc, "which_colour", 48, seed=7)["accuracy"] <= 0.25 + 0.1
     tuned = merge_lora(mi.Model.from_pretrained(BUNDLED, adapter=ADAPTER))
-    assert scoring.evaluate_synthetic(tuned, proc, "which_colour", 48, seed=7)["accuracy"] >= 0.85
+    assert scoring.evaluate_synthetic(tuned, proc, "which_colour", 48, seed=7)["accuracy"] >= 0.9
     for d in ORIGINAL:
         assert scoring.evaluate_synthetic(tuned, proc, d, 24, seed=7)["accuracy"] >= 0.8, d
 
