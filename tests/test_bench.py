@@ -20,6 +20,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import minterleave as mi
 from tiny_model import hf_model, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,14 +181,15 @@ def test_bench_decode_quick_on_tiny_checkpoint(tmp_path, capsys):
     path = save_checkpoint(hf_model(seed=3, inter=128), str(tmp_path / "ckpt"))  # int4 groups need K % 32 == 0
     from minterleave import bench_decode
     out = tmp_path / "decode.json"
-    assert bench_decode.main(["--model", path, "--quick", "--modes", "bf16,int4", "--json", str(out)]) == 0
+    assert bench_decode.main(["--model", path, "--quick", "--modes", "int4", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     res = json.loads(out.read_text())
     r, bw = res["results"], res["bandwidth"]
-    assert set(r) == {"minterleave bf16", "minterleave int4", "transformers bf16"}
+    assert set(r) == {"minterleave int4", "transformers bf16"}  # (bf16 and int8 run the same code; fewer workers)
     assert bw["read_gbs"] == max(bw["sum_gbs"], bw["copy_gbs"]) and positive(bw["read_gbs"])
     bf16 = decoder_bytes_per_token(path, "bfloat16")
-    assert r["minterleave bf16"]["bytes_per_token"] == r["transformers bf16"]["bytes_per_token"] == bf16
+    assert r["transformers bf16"]["bytes_per_token"] == bf16
+    assert bench_decode.decode_bytes(mi.Model.from_pretrained(path, dtype=torch.bfloat16).decoder) == bf16
     assert r["minterleave int4"]["bytes_per_token"] < 0.5 * bf16  # 4 bits + a bf16 scale and zero per 32 weights
     for name, x in r.items():
         assert all(positive(x[k]) for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb", "load_s")), name
@@ -196,7 +198,7 @@ def test_bench_decode_quick_on_tiny_checkpoint(tmp_path, capsys):
         row = next(line for line in stdout.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {x['decode_tok_s']:.1f} | {x['prefill_tok_s']:.0f} | {x['peak_rss_gb']:.2f} |" in row
     tf = r["transformers bf16"]
-    for mode in ("bf16", "int4"):
+    for mode in ("int4",):
         ratios = r[f"minterleave {mode}"]["vs_transformers_bf16"]
         for k, v in ratios.items():
             assert math.isclose(v, r[f"minterleave {mode}"][k] / tf[k]), (mode, k)
