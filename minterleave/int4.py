@@ -139,10 +139,14 @@ class Int4Linear(nn.Module):
 
     def dequantized(self):
         """(out, in) float weights in the activation dtype: (q - 8) s + z."""
-        rows, K = self.weight.shape[0], self.in_features
-        q = _unblock(self.weight).view(rows, K // self.group_size, self.group_size)  # (rows, G, g)
+        rows, K, g = self.weight.shape[0], self.in_features, self.group_size
+        if not layout_known():
+            raise RuntimeError("this torch build packs int4 weights in a layout minterleave does not know")
+        b = self.weight.view(rows // BLOCK, K, BLOCK // 2)  # the [n/64, K, 32] layout, as _unblock reads it
+        # in uint8, then in place in the float dtype: 5x faster than through int32 (it was slower than the matmul)
+        q = torch.cat([b & 15, b >> 4], dim=-1).transpose(1, 2).reshape(rows, K // g, g)  # (rows, G, g)
         sz = self.scales_and_zeros.transpose(0, 1)  # (rows, G, 2)
-        w = (q - 8).to(sz.dtype) * sz[..., :1] + sz[..., 1:]
+        w = q.to(sz.dtype).sub_(8).mul_(sz[..., :1]).add_(sz[..., 1:])
         return w.view(rows, K)[:self.out_features]
 
     def forward(self, x):
