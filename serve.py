@@ -41,7 +41,10 @@ def parse_args(argv=None):
                    help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute dtype (default: %(default)s)")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only decoder weights")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="int8 (per row) or int4 (--group-size) weight-only decoder weights (default: off)")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="input columns per int4 scale (default: %(default)s)")
     p.add_argument("--attn", default=None, choices=["naive", "sdpa", "triton"], help="attention backend")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: %(default)s, torch's choice)")
     p.add_argument("--no-check-finite", action="store_true", help="skip the NaN/Inf check of the weights")
