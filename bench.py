@@ -4,7 +4,7 @@
     python bench.py --model DIR --json out.json --only minterleave --dtypes bfloat16 --quick
     python bench.py attention [args]      # the attention-kernel benchmark, kernels/bench_attention.py
     python bench.py finetune [args]       # one LoRA (and full) training step, minterleave vs transformers + PEFT
-    python bench.py decode [args]         # CPU decoding: bf16/int8/int4 vs transformers (and llama.cpp), bench_decode.py
+    python bench.py decode [args]         # CPU decoding: bf16/int8/int4 vs transformers (and llama.cpp)
     python bench.py serve [args]          # serve.py's throughput at 1/4/8 clients, batched vs one at a time; chat TTFT
 
 Without --model, the llava-interleave-qwen-0.5b-hf configuration with random N(0, 0.02) weights is

@@ -128,10 +128,11 @@ def worker(spec):
         out.flush()
 
     reply(load_s=load_s, bytes_per_token=nbytes)
-    while (req := json.loads(sys.stdin.readline() or '{"op": "exit"}'))["op"] != "exit":
+    while json.loads(sys.stdin.readline() or '{"op": "exit"}')["op"] != "exit":  # "run" until "exit"
         t0 = time.perf_counter()
         stamps, toks = run()
-        reply(prefill_tok_s=run_ids.shape[1] / (stamps[0] - t0), decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        reply(prefill_tok_s=run_ids.shape[1] / (stamps[0] - t0),
+              decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]),
               tokens=toks)
     return 0
 
@@ -164,7 +165,8 @@ def main(argv, build_default=None):
     p = cli.ArgumentParser(prog="bench.py decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint folder or hub id (default: the random 0.5B one of bench.py)")
     p.add_argument("--modes", default="bf16,int8,int4", help="minterleave modes, in order (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128), help="int4 group (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
+                   help="int4 group (default: %(default)s)")
     p.add_argument("--context", type=cli.positive_int, default=758, help="prompt tokens (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to decode (default: %(default)s)")
     p.add_argument("--rounds", type=cli.positive_int, default=3, help="alternating rounds (default: %(default)s)")
@@ -172,7 +174,8 @@ def main(argv, build_default=None):
     p.add_argument("--no-transformers", action="store_true", help="skip transformers bf16")
     p.add_argument("--gguf", default=None, help="llama.cpp models as TYPE=FILE,... with TYPE bf16, q8_0 or q4_0 "
                    "(needs llama-cpp-python; default: none)")
-    p.add_argument("--quick", action="store_true", help="1 round, 64-token context, 4 new tokens, 0.25 GB probe (tests)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 round, 64-token context, 4 new tokens, 0.25 GB probe (tests)")
     p.add_argument("--json", help="write the results to this file (default: print only)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv)
@@ -217,7 +220,8 @@ def main(argv, build_default=None):
     runs += [("llama.cpp", kind) for kind in gguf]
     cli_line = "python bench.py decode " + " ".join(argv)
     print(f"{cli_line}\nmodel {path}; {args.context}-token prompt, {args.new_tokens} greedy tokens, "
-          f"{args.threads} threads, {args.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{args.threads} threads, {args.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f}",
+          flush=True)
     bw = stream_bandwidth(0.25 if args.quick else 1.0)
     print(f"read bandwidth {bw['read_gbs']:.1f} GB/s (sum {bw['sum_gbs']:.1f}, copy {bw['copy_gbs']:.1f})", flush=True)
     workers, samples = {}, {}
@@ -255,7 +259,8 @@ def main(argv, build_default=None):
             res["same_tokens_as_transformers"] = tokens[(impl, mode)] == tokens[("transformers", "bf16")]
         ll = results.get(f"llama.cpp {SAME_BITS[mode]}")
         if ll:
-            res["vs_llama_cpp_same_bits"] = {k: res[k] / ll[k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb")}
+            res["vs_llama_cpp_same_bits"] = {k: res[k] / ll[k]
+                                             for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb")}
     lines = ["", f"| {args.context}-token prompt, {args.threads} threads | decode tok/s | prefill tok/s | peak RSS GB "
              f"| MB read/token | GB/s | of {bw['read_gbs']:.1f} GB/s | decode, prefill, RSS vs transformers bf16 "
              f"| vs llama.cpp, same bits |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]

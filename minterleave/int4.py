@@ -151,7 +151,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()  # (B*T, in); the kernel reads rows densely (h[:, -1:] of a batch is not)
+        # (B*T, in); contiguous: the kernel reads rows densely, and h[:, -1:] of a batch is not
+        x2 = x.reshape(-1, shape[-1]).contiguous()
         if x2.shape[0] >= PREFILL_ROWS and self.weight.numel() <= DEQUANT_MAX and layout_known() \
                 and not torch.is_grad_enabled():
             # a prompt: the kernel is built for a few rows (it was ~2.5x slower than F.linear at 758); dequantise

@@ -4,6 +4,8 @@
 model on the meta device, loads everything but the decoder's matrices and embedding as usual, then reads
 those one at a time, quantizes each (quantize.py, int4.py) and frees it: peak memory is the quantized
 model plus one float matrix, never the float decoder (quantizing a loaded model held both).
+The float tensors are read with `read_param` (a fused matrix from its q/k/v or gate/up blocks) and
+`row_reader` (a block of rows of the embedding or head at a time).
 `save_quantized(model, folder, source)` writes the quantized model: model.safetensors under minterleave's
 own parameter names, int4 weights in a plain form (int4.py: two columns a byte, scales and zeros per
 group), config.json with the scheme under "minterleave_quantization", and the source folder's tokenizer
@@ -33,6 +35,53 @@ def saved_scheme(path):
     return q
 
 
+def read_param(cfg, where: dict, ours: str, out: torch.Tensor, check_finite=True, headers=None):
+    """Fill `out` with our parameter `ours` (all its row blocks: q/k/v or gate/up) from the checkpoint files
+    `where` ({tensor: file}). headers: a dict caching each file's parsed header between calls."""
+    headers = {} if headers is None else headers
+    layout = weights.detect_layout(cfg, where)
+    tmap = weights.tensor_map(cfg, layout, cfg.vision_layers_used)
+    parts = [(ck, rows) for ck, (name, rows) in tmap.items() if name == ours]
+    assert parts, f"no checkpoint tensor fills {ours}"  # (load_weights has checked that none is missing)
+    with torch.no_grad():
+        for ck, rows in parts:
+            if where[ck] not in headers:
+                headers[where[ck]] = weights.read_header(where[ck])
+            start, header = headers[where[ck]]
+            target = out if rows is None else out[rows[0]:rows[1]]
+            if tuple(header[ck]["shape"]) != tuple(target.shape):
+                raise weights.WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, "
+                                           f"expected {list(target.shape)}")
+            with open(where[ck], "rb") as f:
+                weights.read_into(f, start, header[ck], target)
+                if check_finite and not weights.is_finite(target):
+                    raise weights.nonfinite_error(f, start, header[ck], ck, target.dtype)
+    return out
+
+
+def row_reader(cfg, where: dict, ours: str, dtype, check_finite: bool = True):
+    """(read, shape) for our whole-tensor parameter `ours`: read(a, b) returns its rows a..b in `dtype`, read from
+    the file, so that a large matrix (the embedding, an untied head) can be quantized without holding it all."""
+    layout = weights.detect_layout(cfg, where)
+    tmap = weights.tensor_map(cfg, layout, cfg.vision_layers_used)
+    ck = next(ck for ck, (name, rows) in tmap.items() if name == ours)
+    start, header = weights.read_header(where[ck])
+    info = header[ck]
+    shape, row_bytes = info["shape"], info["shape"][1] * weights.DTYPES[info["dtype"]].itemsize
+    begin = info["data_offsets"][0]
+
+    def read(a, b):
+        out = torch.empty(b - a, shape[1], dtype=dtype)
+        part = {"dtype": info["dtype"], "shape": list(out.shape),
+                "data_offsets": [begin + a * row_bytes, begin + b * row_bytes]}
+        with open(where[ck], "rb") as f:
+            weights.read_into(f, start, part, out)
+            if check_finite and not weights.is_finite(out):
+                raise weights.nonfinite_error(f, start, info, ck, dtype)
+        return out
+    return read, tuple(shape)
+
+
 def _detach_matrices(model):
     """Drop the (meta) weights of every matrix that gets quantized, so that to_empty allocates none;
     returns {name: (module, attribute, shape)} under `decoder.`."""
@@ -60,15 +109,15 @@ def load_quantizing(model, path, cfg, where, check_finite, scheme, group_size, d
     headers = {}
 
     def read(name):
-        return weights.read_param(cfg, where, f"decoder.{name}.weight", torch.empty(mats[name][2], dtype=dtype),
+        return read_param(cfg, where, f"decoder.{name}.weight", torch.empty(mats[name][2], dtype=dtype),
                                   check_finite, headers)
 
     for parent, attr, name in targets(model.decoder):
         lin = getattr(parent, attr)
         setattr(parent, attr, quantized_linear(read(name), lin.bias, scheme, group_size, dtype))
     # the embedding and an untied head (152k rows: as large as a third of the decoder) a block of rows at a time
-    rows = {n: weights.row_reader(cfg, where, f"decoder.{n}.weight", dtype, check_finite) for n in ("embed_tokens", "lm_head")
-            if n in mats}
+    rows = {n: row_reader(cfg, where, f"decoder.{n}.weight", dtype, check_finite)
+            for n in ("embed_tokens", "lm_head") if n in mats}
     dec = model.decoder
     dec.embed_tokens = Int8Embedding(*_int8_rows(*rows["embed_tokens"]), dtype)
     if "lm_head" not in mats and scheme == "int8":

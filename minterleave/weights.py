@@ -206,7 +206,7 @@ def nonfinite_error(f, start: int, info: dict, name: str, dtype: torch.dtype) ->
 def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_finite: bool = True, skip=()):
     """Copy every tensor of the checkpoint at `path` into `model` (converted to its dtype). With check_finite,
     a tensor holding NaN or Inf once loaded is an error naming it and its file. skip: our names of parameters
-    not loaded here (qcheckpoint.py reads them one at a time with `read_param`, to quantize each)."""
+    not loaded here (qcheckpoint.py reads them one at a time, to quantize each)."""
     where = where if where is not None else weight_files(path)
     layout = detect_layout(cfg, where)
     vision_layers = len(model.vision.layers)
@@ -250,49 +250,6 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_f
     finally:
         torch.set_num_threads(threads)
     return layout
-
-
-def read_param(cfg: ModelConfig, where: dict, ours: str, out: torch.Tensor, check_finite: bool = True, headers=None):
-    """Fill `out` with our parameter `ours` (all its row blocks: q/k/v or gate/up) from the checkpoint files
-    `where` ({tensor: file}). headers: a dict caching each file's parsed header between calls."""
-    headers = {} if headers is None else headers
-    layout = detect_layout(cfg, where)
-    parts = [(ck, rows) for ck, (name, rows) in tensor_map(cfg, layout, cfg.vision_layers_used).items() if name == ours]
-    assert parts, f"no checkpoint tensor fills {ours}"  # (load_weights has checked that none is missing)
-    with torch.no_grad():
-        for ck, rows in parts:
-            if where[ck] not in headers:
-                headers[where[ck]] = read_header(where[ck])
-            start, header = headers[where[ck]]
-            target = out if rows is None else out[rows[0]:rows[1]]
-            if tuple(header[ck]["shape"]) != tuple(target.shape):
-                raise WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, expected {list(target.shape)}")
-            with open(where[ck], "rb") as f:
-                read_into(f, start, header[ck], target)
-                if check_finite and not is_finite(target):
-                    raise nonfinite_error(f, start, header[ck], ck, target.dtype)
-    return out
-
-
-def row_reader(cfg: ModelConfig, where: dict, ours: str, dtype, check_finite: bool = True):
-    """(read, shape) for our whole-tensor parameter `ours`: read(a, b) returns its rows a..b in `dtype`, read from
-    the file, so that a large matrix (the embedding, an untied head) can be quantized without holding it all."""
-    layout = detect_layout(cfg, where)
-    ck = next(ck for ck, (name, rows) in tensor_map(cfg, layout, cfg.vision_layers_used).items() if name == ours)
-    start, header = read_header(where[ck])
-    info = header[ck]
-    shape, row_bytes = info["shape"], info["shape"][1] * DTYPES[info["dtype"]].itemsize
-    begin = info["data_offsets"][0]
-
-    def read(a, b):
-        out = torch.empty(b - a, shape[1], dtype=dtype)
-        part = {"dtype": info["dtype"], "data_offsets": [begin + a * row_bytes, begin + b * row_bytes], "shape": list(out.shape)}
-        with open(where[ck], "rb") as f:
-            read_into(f, start, part, out)
-            if check_finite and not is_finite(out):
-                raise nonfinite_error(f, start, info, ck, dtype)
-        return out
-    return read, tuple(shape)
 
 
 def embedding_location(path: str, cfg: ModelConfig) -> dict:

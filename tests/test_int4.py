@@ -109,12 +109,14 @@ def test_quantized_while_loading_equals_quantized_after_and_round_trips(tmp_path
         # no float copy of any decoder matrix in the file (only norms and biases stay float)
         floats = [n for n in names if n.startswith("decoder.") and f.get_slice(n).get_dtype() in ("BF16", "F32")]
         assert all(n.endswith(("norm.weight", ".bias", ".scales", ".zeros")) for n in floats), floats
-    assert os.path.getsize(os.path.join(out, "model.safetensors")) < os.path.getsize(os.path.join(path, "model.safetensors"))
+    size = lambda folder: os.path.getsize(os.path.join(folder, "model.safetensors"))  # noqa: E731
+    assert size(out) < size(path)
     back = mi.Model.from_pretrained(out, dtype=dtype)
     assert back.quantization == {"scheme": scheme, "group_size": group}
     with torch.no_grad():
         assert torch.equal(back(ids, pixels), b)
-    assert back.generate(ids, pixels, max_new_tokens=6).tolist() == loading.generate(ids, pixels, max_new_tokens=6).tolist()
+    assert back.generate(ids, pixels, max_new_tokens=6).tolist() == \
+        loading.generate(ids, pixels, max_new_tokens=6).tolist()
     other = "int4" if scheme == "int8" else "int8"
     with pytest.raises(ValueError, match=f"holds a {scheme} checkpoint"):
         mi.Model.from_pretrained(out, quantize=other)
