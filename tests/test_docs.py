@@ -176,9 +176,10 @@ def test_readme_and_weights_readme_state_the_same_accuracy_table():
     assert all(v[2] for v in b.values()), "weights/README.md's table lists the question types"
 
 
+@pytest.mark.slow  # (the default run checks the same numbers through eval.py's command line: tests/test_eval.py)
 @needs_bundled
 def test_weights_readme_table_is_what_eval_measures():
-    """Every number of the table, the question types' too, is what its eval command prints."""
+    """Every number of the table, the question types' too, is what its eval command prints, exactly."""
     import minterleave as mi
     from minterleave import scoring
     text = read("weights/README.md")

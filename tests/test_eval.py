@@ -201,8 +201,12 @@ def test_eval_cli_reproduces_the_weights_readme_table():
         got = res["per_domain"][d]
         assert got["n"] == n and abs(got["accuracy"] - acc) <= 1 / n + 1e-9, (d, got, acc)
         assert round(got["chance"], 3) == chance, (d, got)
+    from test_docs import accuracy_table  # the question types' columns of the same table
+    qtypes = {q: v for acc, chance, per in accuracy_table(readme).values() for q, v in per.items()}
     for qtype in (q for d in tasks.DOMAINS for q in tasks.QTYPES[d]):  # one table row per question type
-        assert re.search(rf"^  {qtype}\s+\d+\s+[\d.]+\s+[\d.]+$", out, re.M), qtype
+        row = re.search(rf"^  {qtype}\s+(\d+)\s+([\d.]+)\s+[\d.]+$", out, re.M)
+        assert row, qtype
+        assert abs(float(row.group(2)) - qtypes[qtype]) <= 1 / int(row.group(1)) + 1e-9, (qtype, row.group(0))
     assert len(re.findall(r"^  overall ", out, re.M)) == len(table)
 
 
