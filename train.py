@@ -119,6 +119,9 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.lora_r and not args.init:
         p.error("--lora-r needs --init: an adapter is trained on a pretrained model")
+    parts = args.lora_parts.split(",")
+    if set(parts) - {"decoder", "vision", "projector"} or not set(parts) & {"decoder", "vision"}:
+        p.error(f"--lora-parts {args.lora_parts!r}: decoder and/or vision, and projector to train it fully too")
     if args.merge and args.base_dtype == "int8":
         p.error("--merge needs float base weights: use --base-dtype float32 or bfloat16, not int8")
     if args.fsdp and args.patch_words:
@@ -285,6 +288,8 @@ def train(args, out, assets, rank, world, device):
     net = model if world == 1 or fsdp else torch.nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=args.data is not None)
     G = args.batch_size * args.grad_accum * world
+    if args.fsdp and world == 1 and master:
+        print("note: --fsdp in a single process shards nothing (start it with torchrun --nproc_per_node N)", flush=True)
     if master:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vision "
               f"{cfg.vision.num_layers}x{cfg.vision.hidden_size}, text {cfg.text.num_layers}x{cfg.text.hidden_size}, "

@@ -117,3 +117,8 @@ def test_fsdp_refuses_what_it_cannot_shard(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(["--out", "x", "--fsdp"] + extra)
         assert "--fsdp" in capsys.readouterr().err
+    for parts in ("projector", "decoder,foo"):  # the projector trains beside adapters, never alone
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", "x", "--init", "y", "--lora-r", "4", "--lora-parts", parts])
+        assert f"--lora-parts {parts!r}" in capsys.readouterr().err
+    train.parse_args(["--out", "x", "--init", "y", "--lora-r", "4", "--lora-parts", "vision,projector"])
