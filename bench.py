@@ -633,8 +633,8 @@ def main(argv=None):
         return worker(*argv[1:])
     if argv[:1] == ["finetune"]:
         return finetune_main(argv[1:])
-    if argv[:1] == ["decode"]:  # minterleave bf16/int8/int4 vs transformers (vs llama.cpp), minterleave/bench_decode.py
-        from minterleave.bench_decode import main as bench_decode
+    if argv[:1] == ["decode"]:  # minterleave bf16/int8/int4 vs transformers (vs llama.cpp), bench_decode.py
+        from bench_decode import main as bench_decode
         return bench_decode(argv[1:], build_default_checkpoint)
     if argv[:1] == ["_finetune_worker"]:
         return finetune_worker(*argv[1:])

@@ -179,7 +179,7 @@ def test_bench_finetune_on_tiny_checkpoint(tmp_path):
 def test_bench_decode_quick_on_tiny_checkpoint(tmp_path, capsys):
     """bench.py decode: every worker's numbers, the bandwidth arithmetic and the ratios are consistent."""
     path = save_checkpoint(hf_model(seed=3, inter=128), str(tmp_path / "ckpt"))  # int4 groups need K % 32 == 0
-    from minterleave import bench_decode
+    import bench_decode
     out = tmp_path / "decode.json"
     assert bench_decode.main(["--model", path, "--quick", "--modes", "int4", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out

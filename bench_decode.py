@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from . import cli
+from minterleave import cli
 
 TF_MODES = ("bf16",)  # transformers runs its bf16 model (it has no weight-only int8/int4 CPU kernels of its own)
 MI_MODES = ("bf16", "int8", "int4")
@@ -140,8 +140,8 @@ def worker(spec):
 class Worker:
     def __init__(self, spec):
         self.name, self.log = f"{spec['impl']} {spec['mode']}", tempfile.TemporaryFile(mode="w+")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.p = subprocess.Popen([sys.executable, "-m", "minterleave.bench_decode", json.dumps(spec)],
+        root = os.path.dirname(os.path.abspath(__file__))
+        self.p = subprocess.Popen([sys.executable, os.path.join(root, "bench_decode.py"), json.dumps(spec)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=root)
         self.loaded = self.call(None)
 
@@ -199,8 +199,8 @@ def main(argv, build_default=None):
             raise ValueError("--gguf needs llama-cpp-python (pip install llama-cpp-python)") from None
 
     import torch
-    from . import hub
-    from .config import load_config
+    from minterleave import hub
+    from minterleave.config import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = hub.resolve(args.model) if args.model else os.path.join(root, "cache", "bench-0.5b")
     if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
