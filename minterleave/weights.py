@@ -10,18 +10,21 @@ one entry per tensor, for three layouts of the same weights:
 Loading is strict, as in nanoGPT's from_pretrained: every parameter must be found with the
 right shape, and every tensor of the files must be used or be on the explicit list of
 deliberately unused ones (`unused_reason`). Anything else is an error naming tensor and file.
-Tensors are read one at a time, straight from the file into the parameter when the dtypes
-agree, else through one temporary, so loading holds the model plus at most one tensor. We read
-with plain file reads at the offsets the safetensors header gives rather than through mmap:
-mapped pages count towards the process's resident memory until unmapped, which would add the
-whole file on top of the model.
-Each tensor is checked for NaN/Inf right after it is read (`check_finite`): one min/max reduction.
+Tensors are read one at a time. A whole parameter whose file dtype is the one asked for is not
+copied at all: it becomes a copy-on-write memory map of its bytes in the file (`map_tensor`, as
+transformers and safetensors do), so pages are read from the file only when first used. A text-only
+prompt never touches the vision tower's 0.8 GB (0.5B model), and writes (training, merging) go to
+private pages, never to the file. Each tensor has its own map, so freeing it (packing.py replaces
+some) unmaps it. Anything else (another dtype, q/k/v and gate/up stacked into one matrix) is read
+straight into the parameter, or through one temporary, so loading holds at most one extra tensor.
+Each tensor is checked for NaN/Inf right after it is read (`check_finite`): one min/max reduction; a
+mapped tensor's pages are released again after the check (they count towards resident memory).
 """
 
 import json
+import mmap
 import os
 import re
-
 import struct
 
 import torch
@@ -148,6 +151,33 @@ def read_into(f, start: int, info: dict, out: torch.Tensor):
         out.copy_(buf)
 
 
+def map_tensor(file: str, start: int, info: dict):
+    """(tensor, map) viewing one tensor's bytes in `file` through a private (copy-on-write) memory map, or
+    None where a map cannot serve (an empty or misaligned tensor, a truncated file: read_into reports it)."""
+    begin, end = info["data_offsets"]
+    dtype = DTYPES[info["dtype"]]
+    offset = start + begin
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start on a page boundary
+    if end <= begin or offset % dtype.itemsize:
+        return None
+    try:
+        with open(file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < start + end:
+                return None
+            mapped = mmap.mmap(f.fileno(), start + end - base, access=mmap.ACCESS_COPY, offset=base)
+    except (OSError, ValueError):
+        return None
+    # the tensor holds a reference to the map: it is unmapped when the tensor is freed
+    t = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset - base)
+    return t.view(info["shape"]), mapped
+
+
+def release_pages(mapped):
+    """Drop a map's resident pages (never written yet, so they are the file's and come back on use)."""
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def weight_files(path: str) -> dict:
     """{tensor name: file} for a folder holding model.safetensors or shards with an index."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -228,7 +258,7 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_f
         if ours in skip:
             continue
         target = params[ours].data if rows is None else params[ours].data[rows[0]:rows[1]]  # rows: a view
-        by_file.setdefault(where[ck], []).append((ck, target))
+        by_file.setdefault(where[ck], []).append((ck, target, params[ours] if rows is None else None))
     # One thread while reading: the reads are serial and the tensor ops between them (a dtype conversion, the
     # finite check) memory-bound; with more, OpenMP's idle workers spin between those ops and take the reading
     # thread's core (on 2 busy cores a float32 0.5B load took 3.3 s instead of 0.95 s; the check cost 2.4 s).
@@ -238,15 +268,25 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_f
         with torch.no_grad():
             for file, pairs in by_file.items():
                 start, header = read_header(file)
-                for ck, target in pairs:  # check every shape before reading anything
+                for ck, target, _ in pairs:  # check every shape before reading anything
                     if tuple(header[ck]["shape"]) != tuple(target.shape):
                         raise WeightsError(f"{file}: tensor {ck} has shape {header[ck]['shape']}, "
                                            f"expected {list(target.shape)}")
                 with open(file, "rb") as f:
-                    for ck, target in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
-                        read_into(f, start, header[ck], target)
+                    for ck, target, whole in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
+                        mapped = None
+                        if whole is not None and target.device.type == "cpu" \
+                                and DTYPES[header[ck]["dtype"]] == target.dtype:
+                            mapped = map_tensor(file, start, header[ck])
+                        if mapped is not None:
+                            target, mapped = mapped
+                            whole.data = target  # the parameter's storage is now the map
+                        else:
+                            read_into(f, start, header[ck], target)
                         if check_finite and not is_finite(target):
                             raise nonfinite_error(f, start, header[ck], ck, target.dtype)
+                        if mapped is not None and check_finite:
+                            release_pages(mapped)
     finally:
         torch.set_num_threads(threads)
     return layout

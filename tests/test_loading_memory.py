@@ -1,4 +1,6 @@
-"""Peak resident memory while loading stays within 1.3x the size of the loaded model.
+"""Peak resident memory while loading stays within 1.3x the size of the loaded model (float32 from a bf16
+file: every tensor converted), and well below it when the file's dtype is the one asked for: those tensors
+are memory-mapped, not read, so only what is used becomes resident (weights.map_tensor).
 
 Measured in a fresh process from /proc/self/status: VmHWM (peak resident set) after `import
 minterleave` is the baseline, VmHWM after from_pretrained the peak; the difference is what
@@ -46,10 +48,47 @@ def medium_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_peak_rss_while_loading(medium_checkpoint, dtype):
+@pytest.mark.parametrize("dtype,limit", [("float32", 1.3), ("bfloat16", 0.75)])
+def test_peak_rss_while_loading(medium_checkpoint, dtype, limit):
+    # bfloat16 measured 0.60: q/k/v and gate/up are stacked into new matrices (read), the rest is mapped
     code = MEASURE.format(path=medium_checkpoint, dtype=dtype)
     ratio = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  check=True).stdout.strip())
     print(f"{dtype}: peak RSS while loading = {ratio:.2f} x model size")
-    assert ratio <= 1.3
+    assert ratio <= limit
+
+
+TOUCH = """
+import torch
+import minterleave as mi
+def rss_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+model = mi.Model.from_pretrained({path!r}, dtype=torch.bfloat16)
+size = sum(p.numel() * p.element_size() for p in model.vision.parameters())
+before = rss_kb()
+total = sum(float(p.float().sum()) for p in model.vision.parameters())  # reads every vision weight
+print((rss_kb() - before) * 1024 / size)
+"""
+
+
+def test_the_vision_tower_becomes_resident_only_when_used(medium_checkpoint):
+    """A text-only prompt never needs the vision tower: loaded in the file's dtype, its weights are mapped and
+    cost no memory until read. Reading them all makes them resident (about their size)."""
+    grew = float(subprocess.run([sys.executable, "-c", TOUCH.format(path=medium_checkpoint)], capture_output=True,
+                                text=True, check=True).stdout.strip())
+    assert 0.8 <= grew <= 1.3, grew
+
+
+def test_writing_a_mapped_parameter_never_changes_the_file(medium_checkpoint):
+    """Mapped parameters are copy-on-write: training or merging into them changes memory, not the checkpoint."""
+    file = os.path.join(medium_checkpoint, "model.safetensors")
+    before = open(file, "rb").read()
+    model = mi.Model.from_pretrained(medium_checkpoint, dtype=torch.bfloat16)
+    w = model.vision.layers[0].fc1.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    fresh = mi.Model.from_pretrained(medium_checkpoint, dtype=torch.bfloat16)
+    assert torch.equal(fresh.vision.layers[0].fc1.weight + 1.0, w)
+    del model, w, fresh
+    assert open(file, "rb").read() == before
