@@ -31,10 +31,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 (a bf16 mean of squares loses too much), scale in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in fp32 (a bf16 mean of squares loses too much), scale in the input dtype;
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps), bit for bit, in one call instead of five
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float):
@@ -104,11 +103,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)  # (B, T, (nh + 2 nkv) hs)
+        # q and k heads side by side get the same rotation per position: one RoPE for both (fewer small ops)
+        qk = qkv[..., :self.split[0] + self.split[1]].view(B, T, self.n_head + self.n_kv, self.head_dim)
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split((self.n_head, self.n_kv), dim=1)  # (B, nh|nkv, T, hs)
+        v = qkv[..., self.split[0] + self.split[1]:].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, cached + T, hs)
         y = attend(q, k, v, causal=True, mask=mask)  # (B, nh, T, hs)
