@@ -9,8 +9,12 @@ token), decode tok/s ((last stamp - first stamp) / (N - 1) over N greedy tokens)
 Achieved bandwidth = bytes read per decoded token x decode tok/s, where the bytes are every tensor a decode
 step reads (decoder layers, final norm, output head; as stored: packed, int8 + scales, int4 + scales/zeros;
 for llama.cpp the GGUF file's size), next to the machine's read bandwidth measured in the same run
-(STREAM-like: the faster of a sum over a 1 GB fp32 tensor and a copy of it, counting bytes read and written).
-GGUF files (see README "Speed and memory"): --gguf bf16=F.gguf,q8_0=G.gguf,q4_0=H.gguf.
+(STREAM-like: the faster of a sum over a 1 GB fp32 tensor and a copy of it, counting bytes read and written;
+before and after the rounds, the faster of the two: on a shared machine one probe can fall in a busy moment).
+llama.cpp (--gguf bf16=F.gguf,q8_0=G.gguf,q4_0=H.gguf) runs through llama-cpp-python with flash attention and
+its default f16 KV cache (llama-bench -fa 1), the whole prompt in one llama_decode (ubatches of 512).
+--write-qwen2 DIR writes the checkpoint's decoder as the Qwen2ForCausalLM folder llama.cpp's
+convert_hf_to_gguf.py reads (README "Decoding at the bandwidth limit" has the commands).
 """
 
 import json
@@ -23,6 +27,7 @@ import time
 
 from minterleave import cli
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 TF_MODES = ("bf16",)  # transformers runs its bf16 model (it has no weight-only int8/int4 CPU kernels of its own)
 MI_MODES = ("bf16", "int8", "int4")
 SAME_BITS = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # minterleave mode -> llama.cpp type
@@ -60,6 +65,37 @@ def decode_bytes(decoder):
     return sum(seen.values())
 
 
+def write_qwen2(src, dst):
+    """The decoder of checkpoint `src` (any layout minterleave loads) as a Qwen2ForCausalLM folder: its tensors
+    renamed to model.* (and lm_head.weight when untied), its text config as config.json, and its tokenizer or,
+    when it has none (bench.py's random checkpoint), the bundled tiny model's (the converter pads the
+    vocabulary to vocab_size with unused tokens). Returns (tensors written, the tokenizer's folder)."""
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from minterleave.config import load_config, to_llava_hf_dict
+    from minterleave.weights import PREFIXES, detect_layout, tensor_map, weight_files
+    cfg, where = load_config(src), weight_files(src)
+    layout = detect_layout(cfg, where)
+    txt = PREFIXES[layout][1]
+    tensors = {}
+    for name, (ours, _) in tensor_map(cfg, layout, 0).items():
+        if ours.startswith("decoder."):
+            with safe_open(where[name], "pt") as f:
+                tensors["model." + name[len(txt):] if name.startswith(txt) else "lm_head.weight"] = f.get_tensor(name)
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump({**to_llava_hf_dict(cfg)["text_config"], "torch_dtype": dtype}, f, indent=2)
+    tok = src if os.path.isfile(os.path.join(src, "tokenizer.json")) else os.path.join(ROOT, "weights",
+                                                                                      "minterleave-tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if os.path.isfile(os.path.join(tok, name)):
+            shutil.copy(os.path.join(tok, name), dst)
+    return len(tensors), tok
+
+
 # ---------------------------------------------------------------- the worker subprocess
 def worker(spec):
     spec = json.loads(spec)
@@ -75,7 +111,7 @@ def worker(spec):
     if impl == "llama.cpp":
         from llama_cpp import Llama
         llm = Llama(model_path=spec["gguf"], n_ctx=spec["context"] + n + 8, n_threads=spec["threads"],
-                    n_threads_batch=spec["threads"], n_batch=spec["context"], verbose=False)
+                    n_threads_batch=spec["threads"], n_batch=spec["context"], flash_attn=True, verbose=False)
         nbytes = os.path.getsize(spec["gguf"])
 
         def run():
@@ -140,9 +176,8 @@ def worker(spec):
 class Worker:
     def __init__(self, spec):
         self.name, self.log = f"{spec['impl']} {spec['mode']}", tempfile.TemporaryFile(mode="w+")
-        root = os.path.dirname(os.path.abspath(__file__))
-        self.p = subprocess.Popen([sys.executable, os.path.join(root, "bench_decode.py"), json.dumps(spec)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=root)
+        self.p = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench_decode.py"), json.dumps(spec)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT)
         self.loaded = self.call(None)
 
     def call(self, op="run"):
@@ -174,6 +209,8 @@ def main(argv, build_default=None):
     p.add_argument("--no-transformers", action="store_true", help="skip transformers bf16")
     p.add_argument("--gguf", default=None, help="llama.cpp models as TYPE=FILE,... with TYPE bf16, q8_0 or q4_0 "
                    "(needs llama-cpp-python; default: none)")
+    p.add_argument("--write-qwen2", metavar="DIR", help="only write the checkpoint's decoder to DIR as a "
+                   "Qwen2ForCausalLM folder for llama.cpp's convert_hf_to_gguf.py, then exit")
     p.add_argument("--quick", action="store_true",
                    help="1 round, 64-token context, 4 new tokens, 0.25 GB probe (tests)")
     p.add_argument("--json", help="write the results to this file (default: print only)")
@@ -201,12 +238,15 @@ def main(argv, build_default=None):
     import torch
     from minterleave import hub
     from minterleave.config import load_config
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = hub.resolve(args.model) if args.model else os.path.join(root, "cache", "bench-0.5b")
+    path = hub.resolve(args.model) if args.model else os.path.join(ROOT, "cache", "bench-0.5b")
     if not args.model and not os.path.isfile(os.path.join(path, "config.json")):
         if build_default is None:
             raise FileNotFoundError(f"{path}: no checkpoint; `python bench.py decode` writes it (or give --model)")
         build_default(path)
+    if args.write_qwen2:
+        n, tok = write_qwen2(path, args.write_qwen2)
+        print(f"{args.write_qwen2}: {n} decoder tensors of {path}, its text config, the tokenizer of {tok}")
+        return 0
     cfg = load_config(path)
     t = cfg.text
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
@@ -244,6 +284,9 @@ def main(argv, build_default=None):
                   f"{x['decode_tok_s']:6.2f} tok/s, VmHWM {x['rss_gb']:.2f} GB", flush=True)
     for w in workers.values():
         w.call("exit")
+    end = stream_bandwidth(0.25 if args.quick else 1.0)
+    print(f"read bandwidth at the end {end['read_gbs']:.1f} GB/s", flush=True)
+    bw = max(bw, end, key=lambda b: b["read_gbs"])
     results = {}
     for (impl, mode), s in samples.items():
         res = {k: statistics.median(v) if isinstance(v, list) else v for k, v in s.items()}
