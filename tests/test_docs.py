@@ -284,8 +284,9 @@ def test_parity_bounds_in_the_readme_are_the_tests_bounds():
         if "equal" in bound:
             assert "==" in source or "torch.equal" in source or "assert_equal" in source, (cells[0], tests)
     # loading memory: the bound quoted is the test's
-    bound = re.search(r"\(the bound is\s+([\d.]+)×\)", main).group(1)
-    assert re.search(rf"ratio <= {re.escape(bound)}\b", read("tests/test_loading_memory.py"))
+    fp32, bf16 = re.search(r"\(the bounds are\s+([\d.]+)× and ([\d.]+)×\)", main).groups()
+    source = read("tests/test_loading_memory.py")
+    assert f'("float32", {fp32})' in source and f'("bfloat16", {bf16})' in source, (fp32, bf16)
 
 
 # --------------------------------------------------------------------- docs/ against the code
