@@ -102,8 +102,6 @@ def attend(q, k, v, causal=False, mask=None, scale=None):
         if q.shape[2] == 1 and not q.is_cuda:
             return single_query_attention(q, k, v, mask, scale)
         backend = "triton" if q.is_cuda and _triton_usable(q) else "sdpa"
-    if k.dtype != q.dtype:  # a CPU decode step's fp32 cache (decoder.KVCache) under a chosen backend
-        k, v = k.to(q.dtype), v.to(q.dtype)
     if backend == "naive":
         return naive_attention(q, k, v, causal, mask, scale)
     if backend == "triton" and mask is None:  # the kernel knows causal masks, not padding masks

@@ -60,34 +60,22 @@ class KVCache:
 
     k, v: (L, B, n_kv, max_len, hs); `length` tokens are filled. New tokens are written in place,
     so decoding allocates nothing per step.
-    On a CPU a bf16/fp16 model's cache is stored in fp32: a decode step's attention runs in fp32
-    (attention.single_query_attention), and converting the whole cache to fp32 at every step cost
-    more time than the matmuls themselves (twice as slow at 758 tokens). The stored values are the
-    model's bf16 keys and values exactly, so results do not change; the cache takes twice the bytes.
     """
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.dtype = dtype  # of the keys and values going in and coming out of a prompt's attention
-        store = torch.float32 if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) \
-            else dtype
-        self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
         self.max_len = max_len
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, n_kv, T, hs) after the cached tokens; return all keys/values so far: for one
-        new token as stored (fp32 on a CPU, for single_query_attention), for a prompt in k's dtype."""
+        """Store k, v (B, n_kv, T, hs) after the cached tokens; return all keys/values so far."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        if k.shape[2] > 1 and self.k.dtype != k.dtype:
-            if start == 0:  # a first prompt: nothing cached before it
-                return k, v
-            return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
