@@ -397,3 +397,38 @@ def test_readme_defaults_are_the_codes():
     assert f"the best LLaVA-NeXT grid ({grids})" in main
     page = " ".join(read("docs/data-flow.md").split())
     assert f"else {DEFAULT_NUM_FRAMES}. Frames are sampled" in page
+
+
+def test_the_decode_table_is_arithmetic_of_its_own_measurements():
+    """README's `bench.py decode` table: bandwidth = MB per token x tok/s, its fraction of the measured machine
+    bandwidth, and every ratio (vs transformers, vs llama.cpp at the same bits) are what its own columns give,
+    and the text quotes the ratios of the table."""
+    main = read("README.md")
+    header = next(line for line in main.splitlines() if line.startswith("| 0.5B shape, 758-token prompt, 2 threads"))
+    machine = float(re.search(r"of ([\d.]+) GB/s", header).group(1))
+    rows = {}
+    for line in main.split(header, 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(decode=float(cells[1]), prefill=float(cells[2]), rss=float(cells[3]), mb=float(cells[4]),
+                              gbs=float(cells[5]), frac=float(cells[6].rstrip("%")) / 100, vs_tf=cells[7], vs_ll=cells[8])
+    assert len(rows) == 7, list(rows)
+    same_bits = {"bf16": "llama.cpp bf16", "int8": "llama.cpp q8_0", "int4, g32": "llama.cpp q4_0"}
+
+    def ratios(cell):
+        return [float(x) for x in re.findall(r"([\d.]+)×", cell)]
+
+    for name, r in rows.items():
+        assert math.isclose(r["gbs"], r["mb"] * r["decode"] / 1000, abs_tol=0.15), name
+        assert math.isclose(r["frac"], r["gbs"] / machine, abs_tol=0.011), name
+        if not name.startswith("minterleave"):
+            continue
+        tf, ll = rows["transformers bf16"], rows[same_bits[name.split(" ", 1)[1]]]
+        for ref, cell in ((tf, r["vs_tf"]), (ll, r["vs_ll"])):
+            for got, key in zip(ratios(cell), ("decode", "prefill", "rss")):
+                assert math.isclose(got, r[key] / ref[key], rel_tol=0.02, abs_tol=0.011), (name, key, got)
+    quoted = re.search(r"decoding is not at llama\.cpp's speed: ([\d.]+)× in bf16, ([\d.]+)× at 8 bits, ([\d.]+)× "
+                       r"at 4", main).groups()
+    assert [float(q) for q in quoted] == [ratios(rows[n]["vs_ll"])[0] for n in
+                                          ("minterleave bf16", "minterleave int8", "minterleave int4, g32")]
