@@ -19,7 +19,7 @@ import shutil
 
 import torch
 
-from . import weights
+from . import safetensors_io, weights
 from .int4 import ROWS, Int4Linear, quantize_groups
 from .quantize import Int8Embedding, Int8Linear, check_scheme, quantize_rows, quantized_linear, targets
 
@@ -46,16 +46,16 @@ def read_param(cfg, where: dict, ours: str, out: torch.Tensor, check_finite=True
     with torch.no_grad():
         for ck, rows in parts:
             if where[ck] not in headers:
-                headers[where[ck]] = weights.read_header(where[ck])
+                headers[where[ck]] = safetensors_io.read_header(where[ck])
             start, header = headers[where[ck]]
             target = out if rows is None else out[rows[0]:rows[1]]
             if tuple(header[ck]["shape"]) != tuple(target.shape):
-                raise weights.WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, "
+                raise safetensors_io.WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, "
                                            f"expected {list(target.shape)}")
             with open(where[ck], "rb") as f:
-                weights.read_into(f, start, header[ck], target)
-                if check_finite and not weights.is_finite(target):
-                    raise weights.nonfinite_error(f, start, header[ck], ck, target.dtype)
+                safetensors_io.read_into(f, start, header[ck], target)
+                if check_finite and not safetensors_io.is_finite(target):
+                    raise safetensors_io.nonfinite_error(f, start, header[ck], ck, target.dtype)
     return out
 
 
@@ -65,9 +65,9 @@ def row_reader(cfg, where: dict, ours: str, dtype, check_finite: bool = True):
     layout = weights.detect_layout(cfg, where)
     tmap = weights.tensor_map(cfg, layout, cfg.vision_layers_used)
     ck = next(ck for ck, (name, rows) in tmap.items() if name == ours)
-    start, header = weights.read_header(where[ck])
+    start, header = safetensors_io.read_header(where[ck])
     info = header[ck]
-    shape, row_bytes = info["shape"], info["shape"][1] * weights.DTYPES[info["dtype"]].itemsize
+    shape, row_bytes = info["shape"], info["shape"][1] * safetensors_io.DTYPES[info["dtype"]].itemsize
     begin = info["data_offsets"][0]
 
     def read(a, b):
@@ -75,9 +75,9 @@ def row_reader(cfg, where: dict, ours: str, dtype, check_finite: bool = True):
         part = {"dtype": info["dtype"], "shape": list(out.shape),
                 "data_offsets": [begin + a * row_bytes, begin + b * row_bytes]}
         with open(where[ck], "rb") as f:
-            weights.read_into(f, start, part, out)
-            if check_finite and not weights.is_finite(out):
-                raise weights.nonfinite_error(f, start, info, ck, dtype)
+            safetensors_io.read_into(f, start, part, out)
+            if check_finite and not safetensors_io.is_finite(out):
+                raise safetensors_io.nonfinite_error(f, start, info, ck, dtype)
         return out
     return read, tuple(shape)
 
@@ -227,26 +227,26 @@ def load_saved(model, path, where, check_finite, device):
     extra = sorted(set(where) - set(expected))
     if missing or extra:
         file = where[next(iter(where))]
-        raise weights.WeightsError(f"{file}: not a {scheme} minterleave checkpoint of this configuration: "
+        raise safetensors_io.WeightsError(f"{file}: not a {scheme} minterleave checkpoint of this configuration: "
                                    + (f"tensor {missing[0]} is missing ({len(missing)} in all)" if missing else
                                       f"unexpected tensor {extra[0]}"))
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, target in expected.items():
         file = where[key]
         if file not in headers:
-            headers[file] = weights.read_header(file)
+            headers[file] = safetensors_io.read_header(file)
         start, header = headers[file]
         if target is None:
-            target = plain[key] = torch.empty(header[key]["shape"], dtype=weights.DTYPES[header[key]["dtype"]])
+            target = plain[key] = torch.empty(header[key]["shape"], dtype=safetensors_io.DTYPES[header[key]["dtype"]])
         else:
             target = state[key]
         if tuple(header[key]["shape"]) != tuple(target.shape):
-            raise weights.WeightsError(f"{file}: tensor {key} has shape {header[key]['shape']}, "
+            raise safetensors_io.WeightsError(f"{file}: tensor {key} has shape {header[key]['shape']}, "
                                        f"expected {list(target.shape)}")
         with open(file, "rb") as f:
-            weights.read_into(f, start, header[key], target)
-            if check_finite and target.is_floating_point() and not weights.is_finite(target):
-                raise weights.nonfinite_error(f, start, header[key], key, target.dtype)
+            safetensors_io.read_into(f, start, header[key], target)
+            if check_finite and target.is_floating_point() and not safetensors_io.is_finite(target):
+                raise safetensors_io.nonfinite_error(f, start, header[key], key, target.dtype)
     for name in int4:
         module = model.get_submodule(name)
         module.load_plain(*(plain.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros")))

@@ -10,26 +10,18 @@ one entry per tensor, for three layouts of the same weights:
 Loading is strict, as in nanoGPT's from_pretrained: every parameter must be found with the
 right shape, and every tensor of the files must be used or be on the explicit list of
 deliberately unused ones (`unused_reason`). Anything else is an error naming tensor and file.
-Tensors are read one at a time. A whole parameter whose file dtype is the one asked for is not
-copied at all: it becomes a copy-on-write memory map of its bytes in the file (`map_tensor`, as
-transformers and safetensors do), so pages are read from the file only when first used. A text-only
-prompt never touches the vision tower's 0.8 GB (0.5B model), and writes (training, merging) go to
-private pages, never to the file. Each tensor has its own map, so freeing it (packing.py replaces
-some) unmaps it. Anything else (another dtype, q/k/v and gate/up stacked into one matrix) is read
-straight into the parameter, or through one temporary, so loading holds at most one extra tensor.
-Each tensor is checked for NaN/Inf right after it is read (`check_finite`): one min/max reduction; a
-mapped tensor's pages are released again after the check (they count towards resident memory).
+Reading the files (plain reads, or copy-on-write maps of whole tensors) is safetensors_io.py.
 """
 
 import json
-import mmap
 import os
 import re
-import struct
 
 import torch
 
 from .config import ModelConfig
+from .safetensors_io import (DTYPES, WeightsError, is_finite, map_tensor, nonfinite_error, read_header,  # noqa: F401
+                             read_into, release_pages)
 
 VISION_BLOCK = [f"{m}.{p}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
                                       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -110,74 +102,6 @@ def unused_reason(name: str, cfg: ModelConfig, layout: str, vision_layers: int):
     return None
 
 
-class WeightsError(ValueError):
-    pass
-
-
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-
-
-def read_header(file: str) -> tuple:
-    """(data start offset, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file.
-    The format: 8-byte little-endian header length, a JSON header, then the raw tensor bytes."""
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            if info["dtype"] not in DTYPES:
-                raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
-    return 8 + n, header
-
-
-def read_into(f, start: int, info: dict, out: torch.Tensor):
-    """Read one tensor's bytes from the open file `f` into `out` (converting dtype if needed)."""
-    begin, end = info["data_offsets"]
-    src_dtype = DTYPES[info["dtype"]]
-    direct = src_dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu"
-    buf = out if direct else torch.empty(info["shape"], dtype=src_dtype)
-    raw = buf.view(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
-    f.seek(start + begin)
-    if f.readinto(raw) != end - begin or raw.nbytes != end - begin:
-        raise WeightsError(f"{f.name}: tensor data is truncated")
-    if not direct:
-        out.copy_(buf)
-
-
-def map_tensor(file: str, start: int, info: dict):
-    """(tensor, map) viewing one tensor's bytes in `file` through a private (copy-on-write) memory map, or
-    None where a map cannot serve (an empty or misaligned tensor, a truncated file: read_into reports it)."""
-    begin, end = info["data_offsets"]
-    dtype = DTYPES[info["dtype"]]
-    offset = start + begin
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start on a page boundary
-    if end <= begin or offset % dtype.itemsize:
-        return None
-    try:
-        with open(file, "rb") as f:
-            if os.fstat(f.fileno()).st_size < start + end:
-                return None
-            mapped = mmap.mmap(f.fileno(), start + end - base, access=mmap.ACCESS_COPY, offset=base)
-    except (OSError, ValueError):
-        return None
-    # the tensor holds a reference to the map: it is unmapped when the tensor is freed
-    t = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset - base)
-    return t.view(info["shape"]), mapped
-
-
-def release_pages(mapped):
-    """Drop a map's resident pages (never written yet, so they are the file's and come back on use)."""
-    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
-
-
 def weight_files(path: str) -> dict:
     """{tensor name: file} for a folder holding model.safetensors or shards with an index."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -206,31 +130,6 @@ def detect_layout(cfg: ModelConfig, where: dict) -> str:
         return "lmms-lab"
     # both llava-hf layouts share config.json; only the vision tower's prefix differs
     return "hf5" if "vision_tower.embeddings.patch_embedding.weight" in where else "llava-hf"
-
-
-def is_finite(t: torch.Tensor) -> bool:
-    """No NaN and no Inf in `t`. min and max propagate NaN, so one reduction decides, exactly and with no
-    temporary: ~40x faster than torch.isfinite(t).all(), which writes a bool per element, and ~10x faster than
-    t.abs().amax() (a sum would be cheap too but can overflow on finite half-precision values)."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def nonfinite_error(f, start: int, info: dict, name: str, dtype: torch.dtype) -> WeightsError:
-    """The one-line error for a tensor that is not finite once loaded in `dtype`: its NaN and Inf counts
-    in the file, or, if the file's values are finite, that they overflow `dtype` (only on failure, so
-    re-reading the tensor costs nothing in the normal case)."""
-    src = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-    read_into(f, start, info, src)
-    nan, inf = int(src.isnan().sum()), int(src.isinf().sum())
-    if nan or inf:
-        return WeightsError(f"{f.name}: tensor {name} holds {nan} NaN and {inf} Inf values (of {src.numel()}); "
-                            f"refused (check_finite=False or --no-check-finite loads it anyway)")
-    big = src.abs().max().item()
-    return WeightsError(f"{f.name}: tensor {name} holds values up to {big:.4g}, beyond {str(dtype)[6:]}'s range "
-                        f"(they would load as Inf); load it in float32 or bfloat16")
 
 
 def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_finite: bool = True, skip=()):
