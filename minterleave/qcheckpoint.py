@@ -51,7 +51,7 @@ def read_param(cfg, where: dict, ours: str, out: torch.Tensor, check_finite=True
             target = out if rows is None else out[rows[0]:rows[1]]
             if tuple(header[ck]["shape"]) != tuple(target.shape):
                 raise safetensors_io.WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, "
-                                           f"expected {list(target.shape)}")
+                                                  f"expected {list(target.shape)}")
             with open(where[ck], "rb") as f:
                 safetensors_io.read_into(f, start, header[ck], target)
                 if check_finite and not safetensors_io.is_finite(target):
@@ -196,6 +196,10 @@ def save_quantized(model, folder, source=None):
 
 
 @torch.no_grad()
+def device_is_cpu(device):
+    return torch.device(device).type == "cpu"
+
+
 def load_saved(model, path, where, check_finite, device):
     """Fill `model` (built on meta) from a quantized checkpoint: the modules are swapped for empty quantized
     ones of the right shapes, then every tensor is read straight into its place."""
@@ -227,26 +231,41 @@ def load_saved(model, path, where, check_finite, device):
     extra = sorted(set(where) - set(expected))
     if missing or extra:
         file = where[next(iter(where))]
-        raise safetensors_io.WeightsError(f"{file}: not a {scheme} minterleave checkpoint of this configuration: "
-                                   + (f"tensor {missing[0]} is missing ({len(missing)} in all)" if missing else
-                                      f"unexpected tensor {extra[0]}"))
+        raise safetensors_io.WeightsError(
+            f"{file}: not a {scheme} minterleave checkpoint of this configuration: "
+            + (f"tensor {missing[0]} is missing ({len(missing)} in all)" if missing else f"unexpected tensor {extra[0]}"))
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, target in expected.items():
         file = where[key]
         if file not in headers:
             headers[file] = safetensors_io.read_header(file)
         start, header = headers[file]
-        if target is None:
-            target = plain[key] = torch.empty(header[key]["shape"], dtype=safetensors_io.DTYPES[header[key]["dtype"]])
+        info = header[key]
+        stored = safetensors_io.DTYPES[info["dtype"]]
+        target = state[key] if target is not None else None
+        if target is not None and tuple(info["shape"]) != tuple(target.shape):
+            raise safetensors_io.WeightsError(f"{file}: tensor {key} has shape {info['shape']}, "
+                                              f"expected {list(target.shape)}")
+        # as weights.load_weights, a float parameter (the vision tower, norms, biases) is mapped, not read: resident
+        # only once used. Not the quantized buffers: a map is only 8-byte aligned, and _weight_int8pack_mm crashed
+        # on such an int8 matrix. int4's plain form is converted, so it is only read through its map
+        mapped = safetensors_io.map_tensor(file, start, info) if device_is_cpu(device) and (
+            target is None or (isinstance(target, torch.nn.Parameter) and target.dtype == stored)) else None
+        if mapped is not None:
+            value, pages = mapped
+            if target is None:
+                plain[key] = value
+            else:
+                target.data = value  # the parameter or buffer now lies in the map
         else:
-            target = state[key]
-        if tuple(header[key]["shape"]) != tuple(target.shape):
-            raise safetensors_io.WeightsError(f"{file}: tensor {key} has shape {header[key]['shape']}, "
-                                       f"expected {list(target.shape)}")
-        with open(file, "rb") as f:
-            safetensors_io.read_into(f, start, header[key], target)
-            if check_finite and target.is_floating_point() and not safetensors_io.is_finite(target):
-                raise safetensors_io.nonfinite_error(f, start, header[key], key, target.dtype)
+            value = plain[key] = torch.empty(info["shape"], dtype=stored) if target is None else target
+            with open(file, "rb") as f:
+                safetensors_io.read_into(f, start, info, value)
+        if check_finite and value.is_floating_point() and not safetensors_io.is_finite(value):
+            with open(file, "rb") as f:
+                raise safetensors_io.nonfinite_error(f, start, info, key, value.dtype)
+        if mapped is not None and check_finite and value.is_floating_point():
+            safetensors_io.release_pages(pages)
     for name in int4:
         module = model.get_submodule(name)
         module.load_plain(*(plain.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros")))

@@ -92,3 +92,15 @@ def test_writing_a_mapped_parameter_never_changes_the_file(medium_checkpoint):
     assert torch.equal(fresh.vision.layers[0].fc1.weight + 1.0, w)
     del model, w, fresh
     assert open(file, "rb").read() == before
+
+
+def test_a_quantized_checkpoint_maps_its_vision_tower_too(medium_checkpoint, tmp_path):
+    """qcheckpoint.load_saved maps the float parameters as load_weights does: an int4 7B model reading text
+    holds its quantized decoder, not the vision tower."""
+    from minterleave.qcheckpoint import save_quantized
+    model = mi.Model.from_pretrained(medium_checkpoint, dtype=torch.bfloat16, quantize="int4")
+    out = save_quantized(model, str(tmp_path / "q"), medium_checkpoint)
+    del model
+    grew = float(subprocess.run([sys.executable, "-c", TOUCH.format(path=out)], capture_output=True, text=True,
+                                check=True).stdout.strip())
+    assert 0.8 <= grew <= 1.3, grew
