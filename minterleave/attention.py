@@ -80,7 +80,7 @@ def single_query_attention(q, k, v, mask=None, scale=None):
     Hkv, Tk = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     # 3-D views and bmm (what matmul would fold them to, without its expands and views: a decode step
-    # is ~70 small ops per layer, so each one saved counts); the cache's keys are fp32 already on a CPU
+    # is ~70 small ops per layer, so each one saved counts); keys and values in fp32, as the scores
     qg = q.reshape(B * Hkv, H // Hkv, D).float()  # (B Hkv, G, D): the query heads sharing a kv head, as rows
     kf, vf = k.reshape(B * Hkv, Tk, D).float(), v.reshape(B * Hkv, Tk, D).float()
     scores = torch.bmm(qg, kf.transpose(1, 2)).mul_(scale)  # (B Hkv, G, Tk)
