@@ -75,6 +75,9 @@ def write_qwen2(src, dst):
     from safetensors.torch import save_file
     from minterleave.config import load_config, to_llava_hf_dict
     from minterleave.weights import PREFIXES, detect_layout, tensor_map, weight_files
+    from minterleave.qcheckpoint import saved_scheme
+    if saved_scheme(src) is not None:
+        raise ValueError(f"{src}: a quantized minterleave checkpoint; --write-qwen2 needs the float checkpoint")
     cfg, where = load_config(src), weight_files(src)
     layout = detect_layout(cfg, where)
     txt = PREFIXES[layout][1]

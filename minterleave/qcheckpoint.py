@@ -195,11 +195,11 @@ def save_quantized(model, folder, source=None):
     return folder
 
 
-@torch.no_grad()
 def device_is_cpu(device):
     return torch.device(device).type == "cpu"
 
 
+@torch.no_grad()
 def load_saved(model, path, where, check_finite, device):
     """Fill `model` (built on meta) from a quantized checkpoint: the modules are swapped for empty quantized
     ones of the right shapes, then every tensor is read straight into its place."""

@@ -13,6 +13,7 @@ min/max reduction; a mapped tensor's pages are released again after the check (t
 """
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -63,12 +64,13 @@ def read_into(f, start: int, info: dict, out: torch.Tensor):
 
 def map_tensor(file: str, start: int, info: dict):
     """(tensor, map) viewing one tensor's bytes in `file` through a private (copy-on-write) memory map, or
-    None where a map cannot serve (an empty or misaligned tensor, a truncated file: read_into reports it)."""
+    None where a map cannot serve (an empty or misaligned tensor, offsets that disagree with the shape, a
+    truncated file: read_into reports what is wrong)."""
     begin, end = info["data_offsets"]
     dtype = DTYPES[info["dtype"]]
     offset = start + begin
     base = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start on a page boundary
-    if end <= begin or offset % dtype.itemsize:
+    if end <= begin or offset % dtype.itemsize or end - begin != math.prod(info["shape"]) * dtype.itemsize:
         return None
     try:
         with open(file, "rb") as f:
