@@ -30,7 +30,6 @@ alike. Numbers are medians over repeats; ratios are minterleave / transformers.
 Bad input ends with one line on stderr (`bench.py: error: ...`, exit status 1; 2 for a bad flag), a worker's
 too; --debug shows the traceback instead.
 """
-import argparse
 import gc
 import json
 import os
@@ -43,6 +42,8 @@ import time
 
 from minterleave import cli
 
+from bench_decode import decode_bytes_per_token, hwm_gb  # the script beside this one
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "cache", "bench-0.5b")
 TEXT_TOKENS = 25
@@ -50,11 +51,6 @@ TEXT_TOKENS = 25
 
 def say(*a):
     print(*a, flush=True)
-
-
-def hwm_gb():
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 2**20
 
 
 def build_default_checkpoint(path):
@@ -288,14 +284,6 @@ def read_bandwidth(gb=1.0, repeats=5):
         del x
     res["read_gbs"] = max(res.values())
     return res
-
-
-def decode_bytes_per_token(cfg, dtype):
-    t, size = cfg.text, 2 if dtype in ("bfloat16", "float16") else 4
-    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    attn = t.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * t.hidden_size  # q/k/v with bias, o without
-    layer = attn + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size  # + SwiGLU MLP + 2 norms
-    return size * (t.num_layers * layer + t.hidden_size + t.vocab_size * t.hidden_size)
 
 
 def bench_dtype(path, dtype, spec, impls, images, args):

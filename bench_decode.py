@@ -99,6 +99,15 @@ def write_qwen2(src, dst):
     return len(tensors), tok
 
 
+def decode_bytes_per_token(cfg, dtype):
+    """Bytes of the float decoder weights a decode step reads (cfg's shapes; bench.py uses it too)."""
+    t, size = cfg.text, 2 if dtype in ("bfloat16", "float16") else 4
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    attn = t.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * t.hidden_size  # q/k/v with bias, o without
+    layer = attn + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size  # + SwiGLU MLP + 2 norms
+    return size * (t.num_layers * layer + t.hidden_size + t.vocab_size * t.hidden_size)
+
+
 # ---------------------------------------------------------------- the worker subprocess
 def worker(spec):
     spec = json.loads(spec)
@@ -252,10 +261,7 @@ def main(argv, build_default=None):
         return 0
     cfg = load_config(path)
     t = cfg.text
-    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    bf16_bytes = 2 * (t.num_layers * (t.hidden_size * (q + 2 * kv) + q + 2 * kv + q * t.hidden_size
-                                      + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
-                      + t.hidden_size + t.vocab_size * t.hidden_size)
+    bf16_bytes = decode_bytes_per_token(cfg, "bfloat16")
     base = dict(path=path, vocab=t.vocab_size, image_token=cfg.image_token_id, context=args.context,
                 new=args.new_tokens, threads=args.threads, group_size=args.group_size, bf16_bytes=bf16_bytes)
     runs = [("minterleave", m) for m in modes]

@@ -53,9 +53,7 @@ def read_param(cfg, where: dict, ours: str, out: torch.Tensor, check_finite=True
                 raise safetensors_io.WeightsError(f"{where[ck]}: tensor {ck} has shape {header[ck]['shape']}, "
                                                   f"expected {list(target.shape)}")
             with open(where[ck], "rb") as f:
-                safetensors_io.read_into(f, start, header[ck], target)
-                if check_finite and not safetensors_io.is_finite(target):
-                    raise safetensors_io.nonfinite_error(f, start, header[ck], ck, target.dtype)
+                safetensors_io.load_tensor(f, start, header[ck], ck, target, check_finite=check_finite)
     return out
 
 
@@ -195,10 +193,6 @@ def save_quantized(model, folder, source=None):
     return folder
 
 
-def device_is_cpu(device):
-    return torch.device(device).type == "cpu"
-
-
 @torch.no_grad()
 def load_saved(model, path, where, check_finite, device):
     """Fill `model` (built on meta) from a quantized checkpoint: the modules are swapped for empty quantized
@@ -241,7 +235,6 @@ def load_saved(model, path, where, check_finite, device):
             headers[file] = safetensors_io.read_header(file)
         start, header = headers[file]
         info = header[key]
-        stored = safetensors_io.DTYPES[info["dtype"]]
         target = state[key] if target is not None else None
         if target is not None and tuple(info["shape"]) != tuple(target.shape):
             raise safetensors_io.WeightsError(f"{file}: tensor {key} has shape {info['shape']}, "
@@ -249,23 +242,13 @@ def load_saved(model, path, where, check_finite, device):
         # as weights.load_weights, a float parameter (the vision tower, norms, biases) is mapped, not read: resident
         # only once used. Not the quantized buffers: a map is only 8-byte aligned, and _weight_int8pack_mm crashed
         # on such an int8 matrix. int4's plain form is converted, so it is only read through its map
-        mapped = safetensors_io.map_tensor(file, start, info) if device_is_cpu(device) and (
-            target is None or (isinstance(target, torch.nn.Parameter) and target.dtype == stored)) else None
-        if mapped is not None:
-            value, pages = mapped
-            if target is None:
-                plain[key] = value
-            else:
-                target.data = value  # the parameter or buffer now lies in the map
-        else:
-            value = plain[key] = torch.empty(info["shape"], dtype=stored) if target is None else target
-            with open(file, "rb") as f:
-                safetensors_io.read_into(f, start, info, value)
-        if check_finite and value.is_floating_point() and not safetensors_io.is_finite(value):
-            with open(file, "rb") as f:
-                raise safetensors_io.nonfinite_error(f, start, info, key, value.dtype)
-        if mapped is not None and check_finite and value.is_floating_point():
-            safetensors_io.release_pages(pages)
+        may_map = torch.device(device).type == "cpu" and (target is None or isinstance(target, torch.nn.Parameter))
+        with open(file, "rb") as f:
+            value = safetensors_io.load_tensor(f, start, info, key, target, may_map, check_finite)
+        if target is None:
+            plain[key] = value
+        elif value is not target:
+            target.data = value  # the parameter now lies in the map
     for name in int4:
         module = model.get_submodule(name)
         module.load_plain(*(plain.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros")))

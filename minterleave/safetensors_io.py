@@ -113,3 +113,22 @@ def nonfinite_error(f, start: int, info: dict, name: str, dtype: torch.dtype) ->
     big = src.abs().max().item()
     return WeightsError(f"{f.name}: tensor {name} holds values up to {big:.4g}, beyond {str(dtype)[6:]}'s range "
                         f"(they would load as Inf); load it in float32 or bfloat16")
+
+
+def load_tensor(f, start: int, info: dict, name: str, out=None, may_map=False, check_finite=True):
+    """Tensor `name` of the open safetensors file `f`: a copy-on-write map of its bytes when may_map and
+    `out` (if given) has the file's dtype, else read into `out` (converted to its dtype) or into a new
+    tensor. A floating tensor is checked for NaN/Inf (check_finite), a map's pages released after."""
+    stored = DTYPES[info["dtype"]]
+    mapped = map_tensor(f.name, start, info) if may_map and (out is None or out.dtype == stored) else None
+    if mapped is not None:
+        t, pages = mapped
+    else:
+        t = torch.empty(info["shape"], dtype=stored) if out is None else out
+        read_into(f, start, info, t)
+    if check_finite and t.is_floating_point():
+        if not is_finite(t):
+            raise nonfinite_error(f, start, info, name, t.dtype)
+        if mapped is not None:
+            release_pages(pages)
+    return t

@@ -20,8 +20,7 @@ import re
 import torch
 
 from .config import ModelConfig
-from .safetensors_io import (DTYPES, WeightsError, is_finite, map_tensor, nonfinite_error, read_header,  # noqa: F401
-                             read_into, release_pages)
+from .safetensors_io import DTYPES, WeightsError, load_tensor, read_header  # noqa: F401 (DTYPES, WeightsError: API)
 
 VISION_BLOCK = [f"{m}.{p}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
                                       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -173,19 +172,10 @@ def load_weights(model, path: str, cfg: ModelConfig, where: dict = None, check_f
                                            f"expected {list(target.shape)}")
                 with open(file, "rb") as f:
                     for ck, target, whole in sorted(pairs, key=lambda pair: header[pair[0]]["data_offsets"][0]):
-                        mapped = None
-                        if whole is not None and target.device.type == "cpu" \
-                                and DTYPES[header[ck]["dtype"]] == target.dtype:
-                            mapped = map_tensor(file, start, header[ck])
-                        if mapped is not None:
-                            target, mapped = mapped
-                            whole.data = target  # the parameter's storage is now the map
-                        else:
-                            read_into(f, start, header[ck], target)
-                        if check_finite and not is_finite(target):
-                            raise nonfinite_error(f, start, header[ck], ck, target.dtype)
-                        if mapped is not None and check_finite:
-                            release_pages(mapped)
+                        value = load_tensor(f, start, header[ck], ck, target, check_finite=check_finite,
+                                            may_map=whole is not None and target.device.type == "cpu")
+                        if value is not target:
+                            whole.data = value  # the parameter's storage is now the map
     finally:
         torch.set_num_threads(threads)
     return layout
