@@ -5,7 +5,11 @@ Every implementation and mode runs in its own worker process (its peak RSS is it
 text prompt (--context tokens, 758 by default: what one 729-token image plus a question fills) and the same
 threads; each round runs every worker once in turn (A B C A B C ...), so other work on the machine falls
 on all alike; numbers are medians over rounds. Per run: prefill tok/s (prompt tokens / time to the first
-token), decode tok/s ((last stamp - first stamp) / (N - 1) over N greedy tokens), peak RSS (VmHWM).
+token), decode tok/s ((last stamp - first stamp) / (N - 1) over N greedy tokens), peak RSS (VmHWM); for
+minterleave also the decoder's matrix products alone (`matrix_pass_ms`) and the attention over the cache alone
+(`attention_pass_ms`), next to llama.cpp's whole step at the same bits: how close the kernels PyTorch ships for
+these two parts come to llama.cpp's step, before any of the other work of a step (timed after all the rounds,
+in rounds of their own, so that their buffers stay out of the runs' peak RSS).
 Achieved bandwidth = bytes read per decoded token x decode tok/s, where the bytes are every tensor a decode
 step reads (decoder layers, final norm, output head; as stored: packed, int8 + scales, int4 + scales/zeros;
 for llama.cpp the GGUF file's size), next to the machine's read bandwidth measured in the same run
@@ -53,6 +57,51 @@ def stream_bandwidth(gb=1.0, repeats=5):
         res[f"{name}_gbs"] = nbytes / min(times[1:]) / 1e9
     res["read_gbs"] = max(res["sum_gbs"], res["copy_gbs"])
     return res
+
+
+def matrix_pass_ms(model, repeats=3):
+    """ms of the decoder's matrix products alone, one row each, in the order a decode step runs them (per layer
+    q/k/v, o, gate/up, down; then the output head), as the model holds them (packed, int8, int4): the floor of a
+    decode step made of these kernels, with no attention, norms or other small ops. Median of `repeats` passes
+    after a warm-up one."""
+    import torch
+    t, d = model.cfg.text, model.decoder
+    hidden, heads, inter = t.hidden_size, t.num_heads * t.head_dim, t.intermediate_size
+    x = {n: torch.randn(1, 1, n, generator=torch.Generator().manual_seed(0), dtype=model.dtype)
+         for n in (hidden, heads, inter)}
+    calls = [(f, x[n]) for b in d.layers for f, n in ((b.self_attn.qkv_proj, hidden), (b.self_attn.o_proj, heads),
+                                                       (b.mlp.gate_up_proj, hidden), (b.mlp.down_proj, inter))]
+    calls.append((d.logits, x[hidden]))
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for f, xi in calls:
+                f(xi)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[1:])
+
+
+def attention_pass_ms(model, context, repeats=3):
+    """ms of the attention alone over a `context`-token bf16 (the model's dtype) KV cache, every layer in turn,
+    one query each, with the kernels a decode step uses (attention.attend): the other floor of a step. The
+    caches of all layers together exceed a CPU's last-level cache, so each layer's is read from memory, as in
+    a real step. Median of `repeats` passes after a warm-up one."""
+    import torch
+    from minterleave.attention import attend
+    t = model.cfg.text
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(t.num_layers, 1, t.num_kv_heads, context, t.head_dim, generator=g, dtype=model.dtype)
+            for _ in range(2))  # (L, B, nkv, T, hs)
+    q = torch.randn(1, t.num_heads, 1, t.head_dim, generator=g, dtype=model.dtype)  # (B, nh, 1, hs)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for layer in range(t.num_layers):
+                attend(q, k[layer], v[layer], causal=True)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[1:])
 
 
 def decode_bytes(decoder):
@@ -176,7 +225,10 @@ def worker(spec):
         out.flush()
 
     reply(load_s=load_s, bytes_per_token=nbytes)
-    while json.loads(sys.stdin.readline() or '{"op": "exit"}')["op"] != "exit":  # "run" until "exit"
+    while (op := json.loads(sys.stdin.readline() or '{"op": "exit"}')["op"]) != "exit":
+        if op == "parts":  # after every "run": what the parts allocate must not count in a run's peak RSS
+            reply(matrix_ms=matrix_pass_ms(model), attention_ms=attention_pass_ms(model, run_ids.shape[1]))
+            continue
         t0 = time.perf_counter()
         stamps, toks = run()
         reply(prefill_tok_s=run_ids.shape[1] / (stamps[0] - t0),
@@ -291,6 +343,12 @@ def main(argv, build_default=None):
             s["peak_rss_gb"], tokens[key] = x["rss_gb"], x["tokens"]
             print(f"round {r + 1} {key[0]:12s} {key[1]:5s} prefill {x['prefill_tok_s']:7.1f} tok/s, decode "
                   f"{x['decode_tok_s']:6.2f} tok/s, VmHWM {x['rss_gb']:.2f} GB", flush=True)
+    for r in range(args.rounds):  # the parts of a minterleave step alone, in rounds again
+        for key, w in workers.items():
+            if key[0] == "minterleave":
+                x = w.call("parts")
+                for k in ("matrix_ms", "attention_ms"):
+                    samples[key].setdefault(k, []).append(x[k])
     for w in workers.values():
         w.call("exit")
     end = stream_bandwidth(0.25 if args.quick else 1.0)
@@ -299,6 +357,7 @@ def main(argv, build_default=None):
     results = {}
     for (impl, mode), s in samples.items():
         res = {k: statistics.median(v) if isinstance(v, list) else v for k, v in s.items()}
+        res["step_ms"] = 1000 / res["decode_tok_s"]
         res["decode_gbs"] = res["bytes_per_token"] * res["decode_tok_s"] / 1e9
         res["bw_frac"] = res["decode_gbs"] / bw["read_gbs"]
         results[f"{impl} {mode}"] = res
@@ -313,6 +372,7 @@ def main(argv, build_default=None):
         if ll:
             res["vs_llama_cpp_same_bits"] = {k: res[k] / ll[k]
                                              for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb")}
+            res["floor_vs_llama_cpp_step"] = (res["matrix_ms"] + res["attention_ms"]) / ll["step_ms"]
     lines = ["", f"| {args.context}-token prompt, {args.threads} threads | decode tok/s | prefill tok/s | peak RSS GB "
              f"| MB read/token | GB/s | of {bw['read_gbs']:.1f} GB/s | decode, prefill, RSS vs transformers bf16 "
              f"| vs llama.cpp, same bits |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -321,6 +381,13 @@ def main(argv, build_default=None):
         lines.append(f"| {name} | {res['decode_tok_s']:.1f} | {res['prefill_tok_s']:.0f} | {res['peak_rss_gb']:.2f} | "
                      f"{res['bytes_per_token'] / 1e6:.0f} | {res['decode_gbs']:.1f} | {res['bw_frac']:.0%} | "
                      f"{ratio('vs_transformers_bf16')} | {ratio('vs_llama_cpp_same_bits')} |")
+    lines += ["", "| ms per decoded token | whole step | matrix products alone | attention alone | llama.cpp whole "
+              "step, same bits | (matrices + attention) / llama.cpp step |", "|---|---:|---:|---:|---:|---:|"]
+    for name, res in results.items():
+        if "matrix_ms" in res:
+            ll = results.get(f"llama.cpp {SAME_BITS[name.split()[1]]}")
+            vs = f"{ll['step_ms']:.1f} | {res['floor_vs_llama_cpp_step']:.2f}x" if ll else "- | -"
+            lines.append(f"| {name} | {res['step_ms']:.1f} | {res['matrix_ms']:.1f} | {res['attention_ms']:.1f} | {vs} |")
     print("\n".join(lines) + f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
     if args.json:
         with open(args.json, "w") as f:

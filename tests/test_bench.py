@@ -197,6 +197,14 @@ def test_bench_decode_quick_on_tiny_checkpoint(tmp_path, capsys):
         assert math.isclose(x["bw_frac"], x["decode_gbs"] / bw["read_gbs"])
         row = next(line for line in stdout.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {x['decode_tok_s']:.1f} | {x['prefill_tok_s']:.0f} | {x['peak_rss_gb']:.2f} |" in row
+    # the matrix products and the attention alone, timed after each run, are parts of a step: below its time
+    mi_int4 = r["minterleave int4"]
+    assert 0 < mi_int4["matrix_ms"] + mi_int4["attention_ms"] < mi_int4["step_ms"]
+    assert positive(mi_int4["attention_ms"]) and "matrix_ms" not in r["transformers bf16"]
+    assert math.isclose(mi_int4["step_ms"], 1000 / mi_int4["decode_tok_s"])
+    row = next(line for line in stdout.splitlines() if line.startswith("| minterleave int4 |") and "- | - |" in line)
+    assert row == (f"| minterleave int4 | {mi_int4['step_ms']:.1f} | {mi_int4['matrix_ms']:.1f} | "
+                   f"{mi_int4['attention_ms']:.1f} | - | - |")
     tf = r["transformers bf16"]
     for mode in ("int4",):
         ratios = r[f"minterleave {mode}"]["vs_transformers_bf16"]

@@ -429,6 +429,23 @@ def test_the_decode_table_is_arithmetic_of_its_own_measurements():
             for got, key in zip(ratios(cell), ("decode", "prefill", "rss")):
                 assert math.isclose(got, r[key] / ref[key], rel_tol=0.02, abs_tol=0.011), (name, key, got)
     quoted = re.search(r"decoding is not at llama\.cpp's speed: ([\d.]+)× in bf16, ([\d.]+)× at 8 bits, ([\d.]+)× "
-                       r"at 4", main).groups()
+                       r"at 4", " ".join(main.split())).groups()
     assert [float(q) for q in quoted] == [ratios(rows[n]["vs_ll"])[0] for n in
                                           ("minterleave bf16", "minterleave int8", "minterleave int4, g32")]
+
+    # the second table of the same run: time per token, the two parts timed alone, and llama.cpp's step
+    header = next(line for line in main.splitlines() if line.startswith("| ms per decoded token, same run"))
+    parts = {}
+    for line in main.split(header, 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        parts[cells[0]] = [float(c.rstrip("×")) for c in cells[1:]]
+    assert list(parts) == ["minterleave bf16", "minterleave int8", "minterleave int4, g32"]
+    for name, (step, matrices, attention, llama_step, floor_ratio) in parts.items():
+        assert math.isclose(step, 1000 / rows[name]["decode"], rel_tol=0.01), name
+        assert math.isclose(llama_step, 1000 / rows[same_bits[name.split(" ", 1)[1]]]["decode"], rel_tol=0.01), name
+        assert math.isclose(floor_ratio, (matrices + attention) / llama_step, abs_tol=0.011), name
+        assert matrices + attention < step, name
+        mode = name.split()[1].rstrip(",")
+        assert f"{mode} {floor_ratio:.2f}×" in " ".join(main.split()), name  # quoted in the text
