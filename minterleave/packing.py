@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .safetensors_io import page_out
+
 
 def can_pack(weight):
     ops = getattr(torch.ops, "mkldnn", None)
@@ -28,15 +30,29 @@ def can_pack(weight):
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, weight, bias=None):
+    """y = x W^T (+ b) with W in oneDNN's packed layout. block_rows: pack W in blocks of that many rows, each
+    its own product, outputs concatenated (the same values: every output is one row's dot product). For an
+    output head: packing then holds the packed blocks plus one plain block resident, since each plain block's
+    pages are given back once packed (a mapped file's pages would otherwise stay until the whole plain matrix
+    is freed: the 311 MB head of the 0.5B model twice over, the peak of loading)."""
+
+    def __init__(self, weight, bias=None, block_rows=None):
         super().__init__()
         self.out_features = weight.shape[0]
-        # reordered for a batch of 1 (decode); larger batches (prefill) run as fast as F.linear
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
-        self.register_buffer("bias", None if bias is None else bias.detach())
+        step = block_rows or self.out_features
+        self.n_blocks = 0
+        for a in range(0, self.out_features, step):
+            block = weight.detach()[a:a + step]
+            # reordered for a batch of 1 (decode); larger batches (prefill) run as fast as F.linear
+            self.register_buffer(f"weight{self.n_blocks}", torch.ops.mkldnn._reorder_linear_weight(block, 1))
+            self.register_buffer(f"bias{self.n_blocks}", None if bias is None else bias.detach()[a:a + step])
+            page_out(block)
+            self.n_blocks += 1
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        ys = [torch.ops.mkldnn._linear_pointwise(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), "none",
+                                                 [], "") for i in range(self.n_blocks)]
+        return ys[0] if self.n_blocks == 1 else torch.cat(ys, dim=-1)
 
 
 class FileEmbedding(nn.Module):
@@ -72,9 +88,13 @@ def file_holds(source, weight, chunk_rows=8192):
                     return False
                 if not torch.equal(buf[:n].to(weight.dtype), weight[a:a + n]):
                     return False
+                page_out(weight[a:a + n])  # read through a map, these rows would stay resident until it is freed
     except OSError:
         return False
     return True
+
+
+HEAD_BLOCK_ROWS = 32768  # 64 MB of a bf16 head of 1,024 columns: 5 blocks for 152k rows
 
 
 def _linears(decoder):
@@ -101,10 +121,10 @@ def pack_decoder(decoder, embedding_source=None):
             n += 1
     tied = decoder.lm_head is None and isinstance(decoder.embed_tokens, nn.Embedding)
     if isinstance(decoder.lm_head, nn.Linear):
-        decoder.lm_head = PackedLinear(decoder.lm_head.weight, None)
+        decoder.lm_head = PackedLinear(decoder.lm_head.weight, None, HEAD_BLOCK_ROWS)
         n += 1
     elif tied and embedding_source is not None and file_holds(embedding_source, decoder.embed_tokens.weight):
-        decoder.lm_head = PackedLinear(decoder.embed_tokens.weight, None)
+        decoder.lm_head = PackedLinear(decoder.embed_tokens.weight, None, HEAD_BLOCK_ROWS)
         decoder.embed_tokens = FileEmbedding(embedding_source, w.dtype)  # frees the plain matrix
         n += 1
     return n

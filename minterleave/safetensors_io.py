@@ -12,11 +12,13 @@ at most one extra tensor. Each tensor is checked for NaN/Inf right after it is r
 min/max reduction; a mapped tensor's pages are released again after the check (they count as resident).
 """
 
+import ctypes
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 
 import torch
 
@@ -88,6 +90,31 @@ def release_pages(mapped):
     """Drop a map's resident pages (never written yet, so they are the file's and come back on use)."""
     if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def page_out(t: torch.Tensor):
+    """Ask the kernel to reclaim the pages under `t` (madvise MADV_PAGEOUT, Linux 5.4+). A mapped file's clean
+    pages leave this process's resident set and come back from the file when read again; nothing is ever lost
+    (written or anonymous pages stay, or go to swap), so it is safe on any tensor. A no-op elsewhere."""
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _madvise = libc.madvise
+            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise or not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous():
+        return
+    page = mmap.PAGESIZE
+    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    lo, hi = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
+    if hi > lo:
+        _madvise(lo, hi - lo, MADV_PAGEOUT)
+
+
+MADV_PAGEOUT = 21  # <linux/mman.h>
+_madvise = None
 
 
 def is_finite(t: torch.Tensor) -> bool:
