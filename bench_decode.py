@@ -258,6 +258,20 @@ class Worker:
         return json.loads(line)
 
 
+def parts_table(results):
+    """The second table: per minterleave mode, ms per token of the whole step and of its two parts timed alone,
+    next to llama.cpp's whole step at the same bits (when it ran). No rows when the parts were not timed."""
+    rows = []
+    for name, res in results.items():
+        if "matrix_ms" in res:
+            ll = results.get(f"llama.cpp {SAME_BITS[name.split()[1]]}")
+            vs = f"{ll['step_ms']:.1f} | {res['floor_vs_llama_cpp_step']:.2f}x" if ll else "- | -"
+            rows.append(f"| {name} | {res['step_ms']:.1f} | {res['matrix_ms']:.1f} | {res['attention_ms']:.1f} | {vs} |")
+    return ["", "| ms per decoded token | whole step | matrix products alone | attention alone | llama.cpp whole "
+            "step, same bits | (matrices + attention) / llama.cpp step |", "|---|---:|---:|---:|---:|---:|"] + rows \
+        if rows else []
+
+
 # ---------------------------------------------------------------- the parent
 def main(argv, build_default=None):
     """build_default(path): writes bench.py's random 0.5B checkpoint when it is not there yet (bench.py passes it)."""
@@ -343,12 +357,18 @@ def main(argv, build_default=None):
             s["peak_rss_gb"], tokens[key] = x["rss_gb"], x["tokens"]
             print(f"round {r + 1} {key[0]:12s} {key[1]:5s} prefill {x['prefill_tok_s']:7.1f} tok/s, decode "
                   f"{x['decode_tok_s']:6.2f} tok/s, VmHWM {x['rss_gb']:.2f} GB", flush=True)
-    for r in range(args.rounds):  # the parts of a minterleave step alone, in rounds again
-        for key, w in workers.items():
-            if key[0] == "minterleave":
-                x = w.call("parts")
-                for k in ("matrix_ms", "attention_ms"):
-                    samples[key].setdefault(k, []).append(x[k])
+    try:
+        for r in range(args.rounds):  # the parts of a minterleave step alone, in rounds again
+            for key, w in workers.items():
+                if key[0] == "minterleave":
+                    x = w.call("parts")
+                    for k in ("matrix_ms", "attention_ms"):
+                        samples[key].setdefault(k, []).append(x[k])
+    except RuntimeError as e:  # a worker died: keep the runs measured so far, without the parts
+        print(f"timing the parts alone failed, left out: {str(e).splitlines()[0]}", flush=True)
+        for kept in samples.values():
+            kept.pop("matrix_ms", None), kept.pop("attention_ms", None)
+        workers = {k: w for k, w in workers.items() if w.p.poll() is None}
     for w in workers.values():
         w.call("exit")
     end = stream_bandwidth(0.25 if args.quick else 1.0)
@@ -372,7 +392,8 @@ def main(argv, build_default=None):
         if ll:
             res["vs_llama_cpp_same_bits"] = {k: res[k] / ll[k]
                                              for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_gb")}
-            res["floor_vs_llama_cpp_step"] = (res["matrix_ms"] + res["attention_ms"]) / ll["step_ms"]
+            if "matrix_ms" in res:
+                res["floor_vs_llama_cpp_step"] = (res["matrix_ms"] + res["attention_ms"]) / ll["step_ms"]
     lines = ["", f"| {args.context}-token prompt, {args.threads} threads | decode tok/s | prefill tok/s | peak RSS GB "
              f"| MB read/token | GB/s | of {bw['read_gbs']:.1f} GB/s | decode, prefill, RSS vs transformers bf16 "
              f"| vs llama.cpp, same bits |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -381,14 +402,7 @@ def main(argv, build_default=None):
         lines.append(f"| {name} | {res['decode_tok_s']:.1f} | {res['prefill_tok_s']:.0f} | {res['peak_rss_gb']:.2f} | "
                      f"{res['bytes_per_token'] / 1e6:.0f} | {res['decode_gbs']:.1f} | {res['bw_frac']:.0%} | "
                      f"{ratio('vs_transformers_bf16')} | {ratio('vs_llama_cpp_same_bits')} |")
-    lines += ["", "| ms per decoded token | whole step | matrix products alone | attention alone | llama.cpp whole "
-              "step, same bits | (matrices + attention) / llama.cpp step |", "|---|---:|---:|---:|---:|---:|"]
-    for name, res in results.items():
-        if "matrix_ms" in res:
-            ll = results.get(f"llama.cpp {SAME_BITS[name.split()[1]]}")
-            vs = f"{ll['step_ms']:.1f} | {res['floor_vs_llama_cpp_step']:.2f}x" if ll else "- | -"
-            lines.append(f"| {name} | {res['step_ms']:.1f} | {res['matrix_ms']:.1f} | {res['attention_ms']:.1f} | {vs} |")
-    print("\n".join(lines) + f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    print("\n".join(lines + parts_table(results)) + f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cli_line, "bandwidth": bw, "model": path, "args": vars(args), "results": results,

@@ -36,18 +36,23 @@ class PackedLinear(nn.Module):
     pages are given back once packed (a mapped file's pages would otherwise stay until the whole plain matrix
     is freed: the 311 MB head of the 0.5B model twice over, the peak of loading)."""
 
-    def __init__(self, weight, bias=None, block_rows=None):
+    def __init__(self, weight=None, bias=None, block_rows=None):
         super().__init__()
-        self.out_features = weight.shape[0]
-        step = block_rows or self.out_features
-        self.n_blocks = 0
-        for a in range(0, self.out_features, step):
-            block = weight.detach()[a:a + step]
-            # reordered for a batch of 1 (decode); larger batches (prefill) run as fast as F.linear
-            self.register_buffer(f"weight{self.n_blocks}", torch.ops.mkldnn._reorder_linear_weight(block, 1))
-            self.register_buffer(f"bias{self.n_blocks}", None if bias is None else bias.detach()[a:a + step])
-            page_out(block)
-            self.n_blocks += 1
+        self.out_features, self.n_blocks = 0, 0
+        if weight is not None:
+            step = block_rows or weight.shape[0]
+            for a in range(0, weight.shape[0], step):
+                self.append_block(weight[a:a + step], None if bias is None else bias[a:a + step])
+
+    def append_block(self, weight, bias=None):
+        """Pack `weight` (rows of W) as the next block of outputs; a mapped file's pages under it are given back."""
+        weight = weight.detach()
+        # reordered for a batch of 1 (decode); larger batches (prefill) run as fast as F.linear
+        self.register_buffer(f"weight{self.n_blocks}", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
+        self.register_buffer(f"bias{self.n_blocks}", None if bias is None else bias.detach())
+        page_out(weight)
+        self.n_blocks += 1
+        self.out_features += weight.shape[0]
 
     def forward(self, x):
         ys = [torch.ops.mkldnn._linear_pointwise(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), "none",
@@ -72,29 +77,32 @@ class FileEmbedding(nn.Module):
         return raw.view(self.file_dtype).to(self.dtype)
 
 
-def file_holds(source, weight, chunk_rows=8192):
-    """Whether the file still holds exactly `weight` (after the loader's dtype conversion): checked
-    chunk by chunk with plain reads, so that the check adds no resident pages."""
+def pack_if_file_holds(source, weight, block_rows):
+    """The tied head `weight` packed in blocks of rows, or None if the file no longer holds exactly it (after
+    the loader's dtype conversion; say, an embedding changed after loading). One pass: each block is read
+    from the file with plain reads (no resident pages), compared with the weight's rows, packed, and the
+    weight's pages under it given back; so at most one plain block is resident, and the file is read once."""
     if tuple(source["shape"]) != tuple(weight.shape):
-        return False
-    buf = torch.empty(chunk_rows, weight.shape[1], dtype=source["dtype"])
-    raw = buf.view(torch.uint8).numpy()  # (chunk_rows, row bytes): buf's own memory
+        return None
+    buf = torch.empty(block_rows, weight.shape[1], dtype=source["dtype"])
+    raw = buf.view(torch.uint8).numpy()  # (block_rows, row bytes): buf's own memory
+    head = PackedLinear()
     try:
         with open(source["file"], "rb") as f:
             f.seek(source["offset"])
-            for a in range(0, weight.shape[0], chunk_rows):
-                n = min(chunk_rows, weight.shape[0] - a)
+            for a in range(0, weight.shape[0], block_rows):
+                n = min(block_rows, weight.shape[0] - a)
                 if f.readinto(raw[:n].reshape(-1)) != raw[:n].nbytes:
-                    return False
+                    return None
                 if not torch.equal(buf[:n].to(weight.dtype), weight[a:a + n]):
-                    return False
-                page_out(weight[a:a + n])  # read through a map, these rows would stay resident until it is freed
+                    return None
+                head.append_block(weight[a:a + n])
     except OSError:
-        return False
-    return True
+        return None
+    return head
 
 
-HEAD_BLOCK_ROWS = 32768  # 64 MB of a bf16 head of 1,024 columns: 5 blocks for 152k rows
+HEAD_BLOCK_ROWS = 16384  # 32 MB of a bf16 head of 1,024 columns: 10 blocks for 152k rows
 
 
 def _linears(decoder):
@@ -123,8 +131,10 @@ def pack_decoder(decoder, embedding_source=None):
     if isinstance(decoder.lm_head, nn.Linear):
         decoder.lm_head = PackedLinear(decoder.lm_head.weight, None, HEAD_BLOCK_ROWS)
         n += 1
-    elif tied and embedding_source is not None and file_holds(embedding_source, decoder.embed_tokens.weight):
-        decoder.lm_head = PackedLinear(decoder.embed_tokens.weight, None, HEAD_BLOCK_ROWS)
-        decoder.embed_tokens = FileEmbedding(embedding_source, w.dtype)  # frees the plain matrix
-        n += 1
+    elif tied and embedding_source is not None:
+        head = pack_if_file_holds(embedding_source, decoder.embed_tokens.weight, HEAD_BLOCK_ROWS)
+        if head is not None:
+            decoder.lm_head = head
+            decoder.embed_tokens = FileEmbedding(embedding_source, w.dtype)  # frees the plain matrix
+            n += 1
     return n

@@ -93,28 +93,45 @@ def release_pages(mapped):
 
 
 def page_out(t: torch.Tensor):
-    """Ask the kernel to reclaim the pages under `t` (madvise MADV_PAGEOUT, Linux 5.4+). A mapped file's clean
-    pages leave this process's resident set and come back from the file when read again; nothing is ever lost
-    (written or anonymous pages stay, or go to swap), so it is safe on any tensor. A no-op elsewhere."""
-    global _madvise
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            _madvise = libc.madvise
-            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise or not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous():
+    """Give back the pages of `t` if it views a memory-mapped file: ask the kernel to reclaim them (madvise
+    MADV_PAGEOUT, Linux 5.4+). Clean pages leave this process's resident set and come back from the file when
+    read again; written ones stay; nothing is lost. Anonymous memory is left alone (reclaiming it would only
+    write it to swap). The kernel reclaims a file's pages only for a process that owns the file or may write
+    it (a read-only checkpoint's pages stay resident until the map is freed). A no-op elsewhere."""
+    if not _is_file_mapped(t):
         return
     page = mmap.PAGESIZE
     begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     lo, hi = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
     if hi > lo:
-        _madvise(lo, hi - lo, MADV_PAGEOUT)
+        _libc().madvise(lo, hi - lo, MADV_PAGEOUT)
 
 
 MADV_PAGEOUT = 21  # <linux/mman.h>
-_madvise = None
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _is_file_mapped(t: torch.Tensor) -> bool:
+    """Whether t's bytes lie inside one file mapping of this process (Linux's /proc/self/maps: a line per
+    mapping, `start-end perms offset dev inode path`; inode 0 is anonymous memory)."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return False
+    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= begin < hi:
+                    return end <= hi and len(fields) >= 6 and fields[4] != "0"
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def is_finite(t: torch.Tensor) -> bool:

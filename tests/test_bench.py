@@ -212,3 +212,19 @@ def test_bench_decode_quick_on_tiny_checkpoint(tmp_path, capsys):
             assert math.isclose(v, r[f"minterleave {mode}"][k] / tf[k]), (mode, k)
     with pytest.raises(FileNotFoundError, match=r"none.gguf: no such GGUF file \(--gguf q4_0\)"):
         bench_decode.main(["--model", path, "--gguf", f"q4_0={tmp_path / 'none.gguf'}"])
+
+
+def test_the_parts_table_sets_each_mode_against_llama_cpp_at_the_same_bits():
+    """bench.py decode's second table: a mode with llama.cpp at its bits gets llama.cpp's step and the ratio, one
+    without gets dashes, and a run whose parts were not timed prints no table at all."""
+    import bench_decode
+    results = {
+        "minterleave bf16": dict(step_ms=60.0, matrix_ms=48.0, attention_ms=7.0, floor_vs_llama_cpp_step=55 / 40),
+        "minterleave int8": dict(step_ms=50.0, matrix_ms=38.5, attention_ms=6.5),
+        "transformers bf16": dict(step_ms=120.0),
+        "llama.cpp bf16": dict(step_ms=40.0),
+    }
+    lines = bench_decode.parts_table(results)
+    assert lines[3:] == ["| minterleave bf16 | 60.0 | 48.0 | 7.0 | 40.0 | 1.38x |",
+                         "| minterleave int8 | 50.0 | 38.5 | 6.5 | - | - |"]
+    assert bench_decode.parts_table({"transformers bf16": dict(step_ms=120.0)}) == []

@@ -144,13 +144,18 @@ print((hwm_kb() - before) * 1024 / size)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back with Linux's MADV_PAGEOUT")
 def test_packing_a_tied_head_holds_one_plain_block_not_the_whole_matrix(medium_checkpoint):
     """Packing the tied 152k-row head (311 MB) reads the mapped embedding: in blocks whose pages are given back
-    once packed, the peak grows by the packed head plus about one block (32768 rows) and the check's buffer;
-    packed in one piece, the whole plain matrix is resident beside the packed one: one head more. (Growth is
-    counted from the peak of loading, which already holds some of it: measured 0.55 and 1.52.)"""
+    once packed, the peak grows by the packed head plus about one block (16384 rows) and the read buffer;
+    packed in one piece, the whole plain matrix and the whole read buffer are resident beside the packed one.
+    (Growth is counted from the peak of loading, which already holds some of it: measured 0.69 and 2.51. The
+    kernel gives back a file's pages to a process that owns the file, as the test's own checkpoint is.)"""
+    from minterleave.packing import can_pack
+    if not can_pack(torch.ones(1, dtype=torch.bfloat16)):
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+
     def grew(block_rows):
         code = PACK.format(path=medium_checkpoint, block_rows=block_rows)
         return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                     check=True).stdout.strip())
-    blocks, whole = grew(32768), grew(152000)
+    blocks, whole = grew(16384), grew(152000)
     print(f"peak growth while packing: {blocks:.2f} x the head in blocks, {whole:.2f} x in one piece")
-    assert blocks <= 0.8 and whole - blocks >= 0.8, (blocks, whole)
+    assert blocks <= 0.9 and whole - blocks >= 0.8, (blocks, whole)
