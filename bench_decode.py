@@ -246,8 +246,11 @@ class Worker:
 
     def call(self, op="run"):
         if op is not None:
-            self.p.stdin.write(json.dumps({"op": op}) + "\n")
-            self.p.stdin.flush()
+            try:
+                self.p.stdin.write(json.dumps({"op": op}) + "\n")
+                self.p.stdin.flush()
+            except OSError:  # the worker is gone (killed, out of memory): say so below, as for a closed pipe
+                pass
         if op == "exit":
             return self.p.wait()
         line = self.p.stdout.readline()
@@ -370,7 +373,8 @@ def main(argv, build_default=None):
             kept.pop("matrix_ms", None), kept.pop("attention_ms", None)
         workers = {k: w for k, w in workers.items() if w.p.poll() is None}
     for w in workers.values():
-        w.call("exit")
+        if w.p.poll() is None:
+            w.call("exit")
     end = stream_bandwidth(0.25 if args.quick else 1.0)
     print(f"read bandwidth at the end {end['read_gbs']:.1f} GB/s", flush=True)
     bw = max(bw, end, key=lambda b: b["read_gbs"])

@@ -42,15 +42,19 @@ class PackedLinear(nn.Module):
         if weight is not None:
             step = block_rows or weight.shape[0]
             for a in range(0, weight.shape[0], step):
-                self.append_block(weight[a:a + step], None if bias is None else bias[a:a + step])
+                self.append_block(weight[a:a + step], None if bias is None else bias[a:a + step],
+                                  give_back=block_rows is not None)
 
-    def append_block(self, weight, bias=None):
-        """Pack `weight` (rows of W) as the next block of outputs; a mapped file's pages under it are given back."""
+    def append_block(self, weight, bias=None, give_back=False):
+        """Pack `weight` (rows of W) as the next block of outputs. give_back: then give back the pages of a
+        mapped file under it (safetensors_io.page_out); only worth it while more blocks follow: a matrix packed
+        in one piece is unmapped right after, and paging out would also drop the file from the page cache."""
         weight = weight.detach()
         # reordered for a batch of 1 (decode); larger batches (prefill) run as fast as F.linear
         self.register_buffer(f"weight{self.n_blocks}", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
         self.register_buffer(f"bias{self.n_blocks}", None if bias is None else bias.detach())
-        page_out(weight)
+        if give_back:
+            page_out(weight)
         self.n_blocks += 1
         self.out_features += weight.shape[0]
 
@@ -84,7 +88,7 @@ def pack_if_file_holds(source, weight, block_rows):
     weight's pages under it given back; so at most one plain block is resident, and the file is read once."""
     if tuple(source["shape"]) != tuple(weight.shape):
         return None
-    buf = torch.empty(block_rows, weight.shape[1], dtype=source["dtype"])
+    buf = torch.empty(min(block_rows, weight.shape[0]), weight.shape[1], dtype=source["dtype"])
     raw = buf.view(torch.uint8).numpy()  # (block_rows, row bytes): buf's own memory
     head = PackedLinear()
     try:
@@ -96,7 +100,7 @@ def pack_if_file_holds(source, weight, block_rows):
                     return None
                 if not torch.equal(buf[:n].to(weight.dtype), weight[a:a + n]):
                     return None
-                head.append_block(weight[a:a + n])
+                head.append_block(weight[a:a + n], give_back=True)
     except OSError:
         return None
     return head

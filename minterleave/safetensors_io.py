@@ -93,11 +93,12 @@ def release_pages(mapped):
 
 
 def page_out(t: torch.Tensor):
-    """Give back the pages of `t` if it views a memory-mapped file: ask the kernel to reclaim them (madvise
+    """Give back the pages of `t` if it views a private map of a file: ask the kernel to reclaim them (madvise
     MADV_PAGEOUT, Linux 5.4+). Clean pages leave this process's resident set and come back from the file when
-    read again; written ones stay; nothing is lost. Anonymous memory is left alone (reclaiming it would only
-    write it to swap). The kernel reclaims a file's pages only for a process that owns the file or may write
-    it (a read-only checkpoint's pages stay resident until the map is freed). A no-op elsewhere."""
+    read again; nothing is lost (pages written since mapping are anonymous: the kernel keeps them, or writes
+    them to swap). Anonymous memory is left alone. The kernel skips a file's pages unless this process owns the
+    file or may write it, and pages another process maps too: from a read-only or shared checkpoint nothing
+    is given back before the map is freed. A no-op off Linux."""
     if not _is_file_mapped(t):
         return
     page = mmap.PAGESIZE
@@ -117,18 +118,18 @@ def _libc():
 
 
 def _is_file_mapped(t: torch.Tensor) -> bool:
-    """Whether t's bytes lie inside one file mapping of this process (Linux's /proc/self/maps: a line per
-    mapping, `start-end perms offset dev inode path`; inode 0 is anonymous memory)."""
+    """Whether t's bytes lie inside one private file mapping of this process (Linux's /proc/self/maps: a line
+    per mapping, `start-end perms offset dev inode path`; inode 0 is anonymous memory, perms end in p or s)."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return False
     begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", "rb") as f:  # bytes: a path need not be UTF-8
             for line in f:
                 fields = line.split()
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
                 if lo <= begin < hi:
-                    return end <= hi and len(fields) >= 6 and fields[4] != "0"
+                    return end <= hi and len(fields) >= 6 and fields[4] != b"0" and fields[1].endswith(b"p")
     except (OSError, ValueError, IndexError):
         pass
     return False

@@ -101,6 +101,27 @@ def test_tied_bf16_head_is_packed_and_embedding_rows_come_from_the_file(tmp_path
     assert isinstance(unknown.decoder.embed_tokens, torch.nn.Embedding) and unknown.decoder.lm_head is None
 
 
+def test_a_tied_head_is_checked_against_the_file_in_every_block(tmp_path):
+    """pack_if_file_holds packs the head block by block as it compares each block with the file: a row that
+    differs in the last block still leaves the head unpacked (None), after the earlier blocks were packed."""
+    from minterleave import weights
+    from minterleave.packing import can_pack, pack_if_file_holds
+    hf = hf_model(seed=7, tied=True, kv_heads=2, image_size=28)
+    path = save_checkpoint(hf, str(tmp_path / "ckpt"))
+    model = mi.Model.from_pretrained(path, dtype=torch.bfloat16)
+    w = model.decoder.embed_tokens.weight
+    if not can_pack(w):
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    source = weights.embedding_location(path, model.cfg)
+    head = pack_if_file_holds(source, w, block_rows=64)
+    assert head.n_blocks == -(-w.shape[0] // 64) > 2 and head.out_features == w.shape[0]
+    x = torch.randn(1, 1, w.shape[1]).bfloat16()
+    assert torch.equal(head(x), torch.nn.functional.linear(x, w))
+    with torch.no_grad():
+        w[-1] += 1
+    assert pack_if_file_holds(source, w, block_rows=64) is None
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_fp32_packed_decoder_keeps_greedy_tokens(tmp_path, tied):
     from minterleave.packing import FileEmbedding, PackedLinear, can_pack
