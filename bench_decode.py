@@ -62,8 +62,7 @@ def stream_bandwidth(gb=1.0, repeats=5):
 def matrix_pass_ms(model, repeats=3):
     """ms of the decoder's matrix products alone, one row each, in the order a decode step runs them (per layer
     q/k/v, o, gate/up, down; then the output head), as the model holds them (packed, int8, int4): the floor of a
-    decode step made of these kernels, with no attention, norms or other small ops. Median of `repeats` passes
-    after a warm-up one."""
+    decode step made of these kernels, with no attention, norms or other small ops."""
     import torch
     t, d = model.cfg.text, model.decoder
     hidden, heads, inter = t.hidden_size, t.num_heads * t.head_dim, t.intermediate_size
@@ -72,21 +71,14 @@ def matrix_pass_ms(model, repeats=3):
     calls = [(f, x[n]) for b in d.layers for f, n in ((b.self_attn.qkv_proj, hidden), (b.self_attn.o_proj, heads),
                                                        (b.mlp.gate_up_proj, hidden), (b.mlp.down_proj, inter))]
     calls.append((d.logits, x[hidden]))
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            for f, xi in calls:
-                f(xi)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[1:])
+    return median_pass_ms(lambda: [f(xi) for f, xi in calls], repeats)
 
 
 def attention_pass_ms(model, context, repeats=3):
     """ms of the attention alone over a `context`-token bf16 (the model's dtype) KV cache, every layer in turn,
     one query each, with the kernels a decode step uses (attention.attend): the other floor of a step. The
     caches of all layers together exceed a CPU's last-level cache, so each layer's is read from memory, as in
-    a real step. Median of `repeats` passes after a warm-up one."""
+    a real step."""
     import torch
     from minterleave.attention import attend
     t = model.cfg.text
@@ -94,12 +86,18 @@ def attention_pass_ms(model, context, repeats=3):
     k, v = (torch.randn(t.num_layers, 1, t.num_kv_heads, context, t.head_dim, generator=g, dtype=model.dtype)
             for _ in range(2))  # (L, B, nkv, T, hs)
     q = torch.randn(1, t.num_heads, 1, t.head_dim, generator=g, dtype=model.dtype)  # (B, nh, 1, hs)
+    return median_pass_ms(lambda: [attend(q, k[layer], v[layer], causal=True) for layer in range(t.num_layers)],
+                          repeats)
+
+
+def median_pass_ms(one_pass, repeats):
+    """ms of one_pass(), median of `repeats` calls after a warm-up one, without autograd."""
+    import torch
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            for layer in range(t.num_layers):
-                attend(q, k[layer], v[layer], causal=True)
+            one_pass()
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[1:])
 
@@ -269,7 +267,8 @@ def parts_table(results):
         if "matrix_ms" in res:
             ll = results.get(f"llama.cpp {SAME_BITS[name.split()[1]]}")
             vs = f"{ll['step_ms']:.1f} | {res['floor_vs_llama_cpp_step']:.2f}x" if ll else "- | -"
-            rows.append(f"| {name} | {res['step_ms']:.1f} | {res['matrix_ms']:.1f} | {res['attention_ms']:.1f} | {vs} |")
+            rows.append(f"| {name} | {res['step_ms']:.1f} | {res['matrix_ms']:.1f} | {res['attention_ms']:.1f} "
+                        f"| {vs} |")
     return ["", "| ms per decoded token | whole step | matrix products alone | attention alone | llama.cpp whole "
             "step, same bits | (matrices + attention) / llama.cpp step |", "|---|---:|---:|---:|---:|---:|"] + rows \
         if rows else []

@@ -59,9 +59,10 @@ class PackedLinear(nn.Module):
         self.out_features += weight.shape[0]
 
     def forward(self, x):
-        ys = [torch.ops.mkldnn._linear_pointwise(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), "none",
-                                                 [], "") for i in range(self.n_blocks)]
-        return ys[0] if self.n_blocks == 1 else torch.cat(ys, dim=-1)
+        if self.n_blocks == 1:  # every layer matrix of a decode step: one call, nothing else on the hot path
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight0, self.bias0, "none", [], "")
+        return torch.cat([torch.ops.mkldnn._linear_pointwise(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"),
+                                                             "none", [], "") for i in range(self.n_blocks)], dim=-1)
 
 
 class FileEmbedding(nn.Module):

@@ -99,12 +99,12 @@ def page_out(t: torch.Tensor):
     them to swap). Anonymous memory is left alone. The kernel skips a file's pages unless this process owns the
     file or may write it, and pages another process maps too: from a read-only or shared checkpoint nothing
     is given back before the map is freed. A no-op off Linux."""
-    if not _is_file_mapped(t):
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return
-    page = mmap.PAGESIZE
     begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
     lo, hi = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
-    if hi > lo:
+    if hi > lo and _in_private_file_map(begin, end):
         _libc().madvise(lo, hi - lo, MADV_PAGEOUT)
 
 
@@ -117,12 +117,10 @@ def _libc():
     return libc
 
 
-def _is_file_mapped(t: torch.Tensor) -> bool:
-    """Whether t's bytes lie inside one private file mapping of this process (Linux's /proc/self/maps: a line
-    per mapping, `start-end perms offset dev inode path`; inode 0 is anonymous memory, perms end in p or s)."""
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-        return False
-    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+def _in_private_file_map(begin: int, end: int) -> bool:
+    """Whether the addresses [begin, end) lie inside one private file mapping of this process (Linux's
+    /proc/self/maps: a line per mapping, `start-end perms offset dev inode path`; inode 0 is anonymous
+    memory, perms end in p or s)."""
     try:
         with open("/proc/self/maps", "rb") as f:  # bytes: a path need not be UTF-8
             for line in f:
